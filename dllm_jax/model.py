@@ -1,0 +1,344 @@
+"""The NLD decoder (Ministral-3 shaped) as Flax NNX modules.
+
+The module tree mirrors the checkpoint: `encoder.{embed_tokens, layers, norm}` and `diffusion_head`,
+with each layer's `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj` kernels stored
+[in, out] (the transpose of PyTorch's [out, in]). Layers are created with `nnx.vmap` and run with
+`lax.scan`, so every layer parameter carries a leading `layers` axis and compile time does not grow
+with depth. Parameters carry logical axis names in their `axes` metadata (per layer, without the
+leading `layers` axis) for dllm_jax.sharding.
+
+One forward serves every decoding mode (spec §4); `mode` picks the attention pattern and what
+happens to the cache:
+  "causal"     with a cache: K/V appended at each row's length, causal attention over the cache.
+               without: plain causal attention over the input.
+  "diffusion"  with a cache: the input block attends to the read-only cached prefix and
+               bidirectionally to itself; the cache is returned unchanged.
+               without: full bidirectional attention.
+  "block_diff" training dual stream [noisy ; clean] (spec §4.4), no cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dllm_jax import attention as attn_lib
+from dllm_jax.config import ModelConfig
+from dllm_jax.kv_cache import KVCache, write_layer
+
+MODES = ("causal", "diffusion", "block_diff")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """A low-rank adapter on o_proj (the NLD draft LoRA: rank 128, alpha 512)."""
+  rank: int
+  alpha: float
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+# --- RoPE (spec §3.5, §3.6) -------------------------------------------------------------------
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+  """fp32 inverse frequencies [head_dim/2] and the cos/sin attention factor, as HF computes them."""
+  dim = cfg.head_dim
+  exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+  pos_freqs = np.power(np.float32(cfg.rope_theta), exponents, dtype=np.float32)
+  if cfg.rope_type == "default":
+    return (np.float32(1.0) / pos_freqs).astype(np.float32), 1.0
+  factor = cfg.rope_factor
+  n0 = cfg.original_max_position_embeddings
+  if factor is None:
+    factor = cfg.max_position_embeddings / n0
+
+  def get_mscale(scale, m=1.0):
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  attention_factor = cfg.rope_attention_factor
+  if attention_factor is None:
+    if cfg.mscale and cfg.mscale_all_dim:
+      attention_factor = get_mscale(factor, cfg.mscale) / get_mscale(factor, cfg.mscale_all_dim)
+    else:
+      attention_factor = get_mscale(factor)
+
+  def correction_dim(rotations):
+    return dim * math.log(n0 / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+  low, high = correction_dim(cfg.beta_fast), correction_dim(cfg.beta_slow)
+  if cfg.rope_truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001  # as HF: avoid a zero-width ramp
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low))
+                 / np.float32(high - low), 0, 1).astype(np.float32)
+  extrapolation = np.float32(1.0) / pos_freqs
+  interpolation = np.float32(1.0) / (np.float32(factor) * pos_freqs)
+  keep = np.float32(1.0) - ramp  # weight of the unscaled (high-frequency) band
+  inv_freq = interpolation * (np.float32(1.0) - keep) + extrapolation * keep
+  return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, attention_factor: float, dtype):
+  """cos/sin [B, T, head_dim] for integer positions [B, T]: fp32 angles, cast to `dtype` (spec §3.5)."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+  angles = jnp.concatenate([angles, angles], axis=-1)  # duplicated halves (rotate-half layout)
+  return ((jnp.cos(angles) * attention_factor).astype(dtype),
+          (jnp.sin(angles) * attention_factor).astype(dtype))
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [B, T, N, D]; rotate-half convention: x*cos + [-x2, x1]*sin."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def llama4_query_scale(positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """s(p) = 1 + beta * ln(1 + floor(p / N0)) at absolute positions [B, T] (fp32)."""
+  p = positions.astype(jnp.float32)
+  n0 = jnp.float32(cfg.original_max_position_embeddings)
+  return 1.0 + cfg.llama_4_scaling_beta * jnp.log(1.0 + jnp.floor(p / n0))
+
+
+# --- modules ------------------------------------------------------------------------------------
+
+def _normal(rngs, shape, dtype):
+  return jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype) * 0.02
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel, kernel [in, out]; no bias anywhere in NLD."""
+
+  def __init__(self, d_in, d_out, axes, *, dtype, param_dtype, rngs):
+    self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), param_dtype), axes=axes)
+    self.dtype = dtype
+
+  def __call__(self, x):
+    return jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  def __init__(self, vocab, dim, *, dtype, param_dtype, rngs):
+    self.embedding = nnx.Param(_normal(rngs, (vocab, dim), param_dtype), axes=("vocab", "embed"))
+    self.dtype = dtype
+
+  def __call__(self, tokens):
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x):
+    """Tied output head: x @ embedding.T."""
+    return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """fp32 statistics, normalised value cast back to the activation dtype, then scaled (spec §3.3)."""
+
+  def __init__(self, dim, eps, *, param_dtype):
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",))
+    self.eps = eps
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, lora: LoRAConfig | None, *, dtype, param_dtype, rngs):
+    d, q_width, kv_width = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = Linear(d, q_width, ("embed", "q_heads"), **kw)
+    self.k_proj = Linear(d, kv_width, ("embed", "kv_heads"), **kw)
+    self.v_proj = Linear(d, kv_width, ("embed", "kv_heads"), **kw)
+    self.o_proj = Linear(q_width, d, ("q_heads", "embed"), **kw)
+    self.cfg, self.dtype = cfg, dtype
+    self.lora_scale = lora.scale if lora else None
+    if lora:
+      # Draft LoRA on o_proj (spec §2.3): y += scale * (x @ a) @ b, with b zero-initialised as in
+      # PEFT so an untrained adapter is the identity.
+      self.o_lora_a = nnx.LoRAParam(_normal(rngs, (q_width, lora.rank), jnp.float32),
+                                    axes=("q_heads", "lora_rank"))
+      self.o_lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, d), jnp.float32),
+                                    axes=("lora_rank", "embed"))
+
+  def qkv(self, x, cos, sin, qscale):
+    b, t, _ = x.shape
+    cfg = self.cfg
+    q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if qscale is not None:  # Llama-4 query temperature, after RoPE, keys unscaled
+      q = q * qscale.astype(q.dtype)[:, :, None, None]
+    return q, k, v
+
+  def out(self, o, lora: bool):
+    b, t = o.shape[:2]
+    o = o.reshape(b, t, -1)
+    y = self.o_proj(o)
+    if lora:
+      if self.lora_scale is None:
+        raise ValueError("lora=True but the model was built without a LoRA adapter")
+      delta = (o.astype(jnp.float32) @ self.o_lora_a[...]) @ self.o_lora_b[...]
+      y = (y.astype(jnp.float32) + self.lora_scale * delta).astype(y.dtype)
+    return y
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "ffw"), **kw)
+    self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "ffw"), **kw)
+    self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, ("ffw", "embed"), **kw)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, lora, *, dtype, param_dtype, rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.self_attn = Attention(cfg, lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                            param_dtype=param_dtype)
+    self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class Encoder(nnx.Module):
+  def __init__(self, cfg: ModelConfig, lora, *, dtype, param_dtype, rngs):
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_layers(layer_rngs):
+      return DecoderLayer(cfg, lora, dtype=dtype, param_dtype=param_dtype, rngs=layer_rngs)
+
+    self.layers = make_layers(rngs)
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+
+
+class NLDModel(nnx.Module):
+  """Embedding, scanned decoder layers, final norm and the (untied) `diffusion_head`."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=None,
+               lora: LoRAConfig | None = None, rngs: nnx.Rngs):
+    param_dtype = dtype if param_dtype is None else param_dtype
+    self.cfg, self.dtype, self.lora = cfg, dtype, lora
+    self.encoder = Encoder(cfg, lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if not cfg.tie_word_embeddings:
+      self.diffusion_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"),
+                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    inv_freq, attention_factor = rope_inv_freq(cfg)
+    self._inv_freq = inv_freq  # numpy constant, not a parameter (HF: non-persistent buffer)
+    self._rope_attention_factor = attention_factor
+
+  def __call__(self, tokens: jax.Array, *, mode: str = "causal", cache: KVCache | None = None,
+               positions: jax.Array | None = None, n_new: jax.Array | None = None,
+               key_valid: jax.Array | None = None, lora: bool = False,
+               qscale_positions: jax.Array | None = None, impl: str | None = None,
+               return_hidden: bool = False):
+    """tokens [B, T] -> (logits [B, T, V] in the compute dtype, cache).
+
+    positions: absolute positions [B, T]; default: cache length + arange(T) (0.. without cache;
+      for block_diff both halves get 0..n-1). qscale_positions: positions for the Llama-4 query
+      scale when they differ from the RoPE positions (training uses 0..2n-1 over both halves).
+    n_new: [B] number of leading input tokens per row that count as appended in causal-with-cache
+      mode (ragged prefill; default T). All T are written, only n_new[b] become visible.
+    key_valid: [B, T] key-padding mask for cache-less modes (and for the block in diffusion mode).
+    lora: add the o_proj LoRA delta (the draft adapter).
+    """
+    cfg = self.cfg
+    if mode not in MODES:
+      raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    impl = cfg.attention_impl if impl is None else impl
+    b, t = tokens.shape
+    if mode == "block_diff":
+      if cache is not None:
+        raise ValueError("block_diff is a training pattern and takes no cache")
+      if t % 2:
+        raise ValueError(f"block_diff input must be [noisy ; clean] of even length, got {t}")
+    offsets = cache.lengths if cache is not None else jnp.zeros((b,), jnp.int32)
+    if positions is None:
+      if mode == "block_diff":
+        half = jnp.arange(t // 2, dtype=jnp.int32)
+        positions = jnp.broadcast_to(jnp.concatenate([half, half])[None], (b, t))
+        if qscale_positions is None:
+          qscale_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+      else:
+        positions = offsets[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    if qscale_positions is None:
+      qscale_positions = positions
+    cos, sin = rope_cos_sin(positions, self._inv_freq, self._rope_attention_factor, self.dtype)
+    qscale = (llama4_query_scale(qscale_positions, cfg)
+              if cfg.llama_4_scaling_beta is not None else None)
+
+    h = self.encoder.embed_tokens(tokens)
+    layers_def, layers_state = nnx.split(self.encoder.layers)
+    write = cache is not None and mode == "causal"
+
+    def layer_body(carry, xs):
+      h, kbuf, vbuf = carry
+      layer_state, idx = xs
+      layer = nnx.merge(layers_def, layer_state)
+      with jax.named_scope("attention_block"):
+        a = layer.input_layernorm(h)
+        q, k, v = layer.self_attn.qkv(a, cos, sin, qscale)
+        if write:
+          kbuf = write_layer(kbuf, idx, k, offsets)
+          vbuf = write_layer(vbuf, idx, v, offsets)
+          o = attn_lib.attention(q, kbuf[idx], vbuf[idx], mask="causal", q_offset=offsets,
+                                 impl=impl)
+        elif cache is not None:  # diffusion against the read-only prefix
+          o = attn_lib.attention(q, kbuf[idx], vbuf[idx], mask="prefix", kv_len=offsets,
+                                 block_k=k, block_v=v, key_valid=key_valid, impl=impl)
+        elif mode == "causal":
+          o = attn_lib.attention(q, k, v, mask="causal", key_valid=key_valid, impl=impl)
+        elif mode == "diffusion":
+          o = attn_lib.attention(q, k, v, mask="bidirectional", key_valid=key_valid, impl=impl)
+        else:
+          o = attn_lib.attention(q, k, v, mask="block_diff", block_size=cfg.block_size,
+                                 key_valid=key_valid, impl=impl)
+        h = h + layer.self_attn.out(o, lora)
+      with jax.named_scope("mlp_block"):
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+      return (h, kbuf, vbuf), None
+
+    kbuf = cache.k if cache is not None else None
+    vbuf = cache.v if cache is not None else None
+    (h, kbuf, vbuf), _ = jax.lax.scan(
+        layer_body, (h, kbuf, vbuf), (layers_state, jnp.arange(cfg.num_layers)))
+    z = self.encoder.norm(h)
+    if return_hidden:
+      return z
+    if cfg.tie_word_embeddings:
+      logits = self.encoder.embed_tokens.attend(z)
+    else:
+      logits = self.diffusion_head(z)
+    if write:
+      appended = jnp.full((b,), t, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
+      cache = KVCache(kbuf, vbuf, offsets + appended)
+    return logits, cache
+
+
+def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=None,
+                   lora: LoRAConfig | None = None) -> NLDModel:
+  """The model with ShapeDtypeStruct leaves: shapes/dtypes/axes without allocating anything."""
+  return nnx.eval_shape(lambda: NLDModel(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora,
+                                         rngs=nnx.Rngs(0)))
+
+
+def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens, **kw):
+  """Pure forward over an `nnx.split` model: usable inside jit / while_loop with array state only."""
+  return nnx.merge(graphdef, state)(tokens, **kw)
