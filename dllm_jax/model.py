@@ -20,6 +20,7 @@ happens to the cache:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -47,6 +48,7 @@ class LoRAConfig:
 
 # --- RoPE (spec §3.5, §3.6) -------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
   """fp32 inverse frequencies [head_dim/2] and the cos/sin attention factor, as HF computes them."""
   dim = cfg.head_dim
@@ -240,9 +242,6 @@ class NLDModel(nnx.Module):
     if not cfg.tie_word_embeddings:
       self.diffusion_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"),
                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    inv_freq, attention_factor = rope_inv_freq(cfg)
-    self._inv_freq = inv_freq  # numpy constant, not a parameter (HF: non-persistent buffer)
-    self._rope_attention_factor = attention_factor
 
   def __call__(self, tokens: jax.Array, *, mode: str = "causal", cache: KVCache | None = None,
                positions: jax.Array | None = None, n_new: jax.Array | None = None,
@@ -280,7 +279,9 @@ class NLDModel(nnx.Module):
         positions = offsets[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     if qscale_positions is None:
       qscale_positions = positions
-    cos, sin = rope_cos_sin(positions, self._inv_freq, self._rope_attention_factor, self.dtype)
+    # A trace-time constant, never module state (HF: a non-persistent buffer).
+    inv_freq, attention_factor = rope_inv_freq(cfg)
+    cos, sin = rope_cos_sin(positions, inv_freq, attention_factor, self.dtype)
     qscale = (llama4_query_scale(qscale_positions, cfg)
               if cfg.llama_4_scaling_beta is not None else None)
 
