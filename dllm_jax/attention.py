@@ -16,6 +16,10 @@ Patterns (spec §4):
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -113,19 +117,179 @@ def attention_reference(q, k, v, *, mask: str, q_offset=None, kv_len=None, block
 
 # --- dispatcher --------------------------------------------------------------------------------
 
-def resolve_impl(impl: str) -> str:
-  """Maps "auto" to a concrete implementation for the current platform."""
+# Set to "1" to run the Pallas kernels in Mosaic GPU interpret mode (on CPU: tests and debugging).
+KERNEL_INTERPRET_ENV = "DLLM_JAX_KERNEL_INTERPRET"
+_DIFF_ARGS = ("block_k", "block_v")  # differentiable keyword operands besides q, k, v
+
+
+def _kernel_interpret() -> bool:
+  return os.environ.get(KERNEL_INTERPRET_ENV, "") == "1"
+
+
+def _pallas_supports(mask: str, q, k, kw) -> bool:
+  """Whether the Mosaic GPU kernel takes this call (see kernels/flash_attention_mgpu.py)."""
+  itemsize = jnp.dtype(k.dtype).itemsize
+  row_bytes = q.shape[3] * itemsize
+  return ((kw.get("key_valid") is None or mask == "prefix")
+          and q.shape[3] <= 256 and (row_bytes in (32, 64) or row_bytes % 128 == 0)
+          and k.shape[1] % (32 // itemsize) == 0)
+
+
+def _cudnn_supports(mask: str, q, k, kw) -> bool:
+  del mask, k, kw
+  return q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[3] <= 256 and q.shape[3] % 8 == 0
+
+
+def _triton_supports(mask: str, q, k, kw) -> bool:
+  del k
+  return (mask in ("causal", "prefix") and (kw.get("key_valid") is None or mask == "prefix")
+          and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[3] >= 16
+          and q.shape[3] & (q.shape[3] - 1) == 0
+          and importlib.util.find_spec("jax_triton") is not None)
+
+
+def resolve_impl(impl: str, mask: str | None = None, q=None, k=None, **kw) -> str:
+  """Maps "auto" to a concrete implementation for the current platform and call.
+
+  "auto" is XLA on CPU; on GPU it is the fastest implementation measured for this device kind and
+  shape class (kernels/attention_choices.py), falling back to XLA when nothing was measured or the
+  winner cannot take this call (dtype, head_dim, key padding).
+  """
   if impl != "auto":
     return impl
-  return "xla"  # kernels register measured wins per platform in kernels/; XLA is the safe default
+  if jax.default_backend() != "gpu" or mask is None or q is None:
+    return "xla"
+  from kernels import attention_choices  # pylint: disable=g-import-not-at-top
+  choice = attention_choices.measured_choice(jax.devices()[0].device_kind, mask, q.shape[1])
+  supports = {"pallas": _pallas_supports, "triton": _triton_supports, "cudnn": _cudnn_supports}
+  if choice in supports and not supports[choice](mask, q, k, kw):
+    return "xla"
+  return choice
+
+
+def _kernel_fn(impl: str):
+  """The forward of a kernel impl; imported lazily (jax_triton cannot import on a CPU jaxlib)."""
+  if impl == "pallas":
+    from kernels import flash_attention_mgpu  # pylint: disable=g-import-not-at-top
+    interpret = _kernel_interpret()
+    if jax.default_backend() != "gpu" and not interpret:
+      raise ValueError(f"attention_impl='pallas' needs a Hopper GPU; on {jax.default_backend()} "
+                       f"set {KERNEL_INTERPRET_ENV}=1 to run it in Mosaic GPU interpret mode")
+    return functools.partial(flash_attention_mgpu.flash_attention, interpret=interpret)
+  try:
+    import jax_triton  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    from kernels import decode_attention_triton  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"attention_impl='triton' needs triton and jax_triton (CUDA): {e}") from e
+  return decode_attention_triton.decode_attention
+
+
+def _local_shards(fn, q, k, v, operands: dict):
+  """Runs a kernel under `shard_map` when a mesh is set (`jax.set_mesh`), on local shards only.
+
+  Batch goes over the "data" axis and kv heads (with their query heads) over "model" when it
+  divides them; otherwise that dimension is replicated. Without a mesh, `fn` runs as is.
+  """
+  operands = {name: x for name, x in operands.items() if x is not None}
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn(q, k, v, **operands)
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  data = "data" if "data" in mesh.axis_names and q.shape[0] % mesh.shape["data"] == 0 else None
+  model = ("model" if "model" in mesh.axis_names and k.shape[2] % mesh.shape["model"] == 0
+           else None)
+  heads = P(data, None, model, None)
+  per_row = {"q_offset": P(data), "kv_len": P(data), "key_valid": P(data, None),
+             "block_k": heads, "block_v": heads}
+  specs = {name: per_row[name] for name in operands}
+  return jax.shard_map(lambda q, k, v, ops: fn(q, k, v, **ops), mesh=mesh,
+                       in_specs=(heads, heads, heads, specs), out_specs=heads,
+                       check_vma=False)(q, k, v, operands)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _kernel_attention(impl: str, static: tuple, q, k, v, operands: dict):
+  """Kernel forward; the backward is the VJP of `attention_reference` (XLA), see docs/kernels.md."""
+  return _local_shards(functools.partial(_kernel_fn(impl), **dict(static)), q, k, v, operands)
+
+
+def _kernel_attention_fwd(impl, static, q, k, v, operands):
+  return _kernel_attention(impl, static, q, k, v, operands), (q, k, v, operands)
+
+
+def _kernel_attention_bwd(impl, static, res, g):
+  del impl
+  q, k, v, operands = res
+  diff = {name: operands[name] for name in _DIFF_ARGS if operands.get(name) is not None}
+  rest = {name: val for name, val in operands.items() if name not in diff}
+
+  def ref(q, k, v, diff):
+    return attention_reference(q, k, v, **dict(static), **diff, **rest)
+
+  _, vjp = jax.vjp(ref, q, k, v, diff)
+  dq, dk, dv, ddiff = vjp(g)
+  d_operands = {name: (ddiff[name] if name in ddiff else None) for name in operands}
+  return dq, dk, dv, d_operands
+
+
+_kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
+
+
+def _cudnn_attention(q, k, v, *, mask: str, q_offset=None, kv_len=None, block_k=None,
+                     block_v=None, block_size=None, key_valid=None, scale=None):
+  """`jax.nn.dot_product_attention(implementation="cudnn")` for NLD's patterns.
+
+  Its is_causal is top-left aligned (query i sees keys <= i), so it is used only when T == S with
+  no offset; single-token decode uses key_value_seq_lengths; every other case passes the exact
+  boolean mask (which cuDNN turns into a dense bias: correct but slower).
+  """
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"attention_impl='cudnn' needs a CUDA GPU with cuDNN; the backend is "
+                     f"{jax.default_backend()}")
+  if not _cudnn_supports(mask, q, k, {}):
+    raise ValueError(f"attention_impl='cudnn' needs bf16/f16 and head_dim <= 256 (multiple of 8), "
+                     f"got {q.dtype} and head_dim {q.shape[3]}")
+  b, t = q.shape[:2]
+  kw = dict(scale=scale, implementation="cudnn")
+  if mask == "prefix":
+    k, v = jnp.concatenate([k, block_k], 1), jnp.concatenate([v, block_v], 1)
+    blk = jnp.ones((b, t, t), bool) if key_valid is None else jnp.broadcast_to(
+        key_valid[:, None, :], (b, t, t))
+    m = jnp.concatenate([prefix_mask(kv_len, t, k.shape[1] - t), blk], -1)
+    return jax.nn.dot_product_attention(q, k, v, mask=m[:, None], **kw)
+  if mask == "causal" and key_valid is None and (q_offset is None and t == k.shape[1]):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, **kw)
+  if mask == "causal" and key_valid is None and t == 1 and q_offset is not None:
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=q_offset + 1, **kw)
+  if mask == "causal":
+    offs = jnp.zeros((b,), jnp.int32) if q_offset is None else q_offset
+    m = causal_mask(offs, t, k.shape[1])
+  elif mask == "bidirectional":
+    m = jnp.ones((b, t, k.shape[1]), bool)
+  else:
+    m = jnp.broadcast_to(block_diff_mask(t // 2, block_size)[None], (b, t, t))
+  if key_valid is not None:
+    m = m & key_valid[:, None, :]
+  return jax.nn.dot_product_attention(q, k, v, mask=m[:, None], **kw)
 
 
 def attention(q, k, v, *, mask: str, impl: str = "xla", **kw):
-  """Runs one attention pattern (see module docstring) with the chosen implementation."""
+  """Runs one attention pattern (see module docstring) with the chosen implementation.
+
+  impl: "xla" (reference, CPU default), "pallas" (Mosaic GPU kernel; CPU only with
+  DLLM_JAX_KERNEL_INTERPRET=1), "triton" (jax-triton decode kernel, "causal"/"prefix"), "cudnn",
+  or "auto" (see `resolve_impl`). Kernel paths differentiate through the XLA reference's VJP.
+  """
   if mask not in MASK_PATTERNS:
     raise ValueError(f"unknown mask pattern {mask!r}; expected one of {MASK_PATTERNS}")
-  impl = resolve_impl(impl)
-  if impl == "xla":
-    with jax.named_scope(f"attention_{mask}"):
+  impl = resolve_impl(impl, mask, q, k, **kw)
+  with jax.named_scope(f"attention_{mask}_{impl}"):
+    if impl == "xla":
       return attention_reference(q, k, v, mask=mask, **kw)
-  raise NotImplementedError(f"attention_impl={impl!r} is not available in this build")
+    if impl == "cudnn":
+      return _cudnn_attention(q, k, v, mask=mask, **kw)
+    if impl in ("pallas", "triton"):
+      static = tuple(sorted({"mask": mask, "block_size": kw.pop("block_size", None),
+                             "scale": kw.pop("scale", None)}.items()))
+      return _kernel_attention(impl, static, q, k, v, kw)
+  raise ValueError(f"attention_impl={impl!r} is not one of xla, pallas, triton, cudnn, auto")

@@ -3,21 +3,59 @@
 NLD checkpoints name tensors `encoder.*` + `diffusion_head.weight`; Llama/Mistral checkpoints use
 `model.*` + `lm_head.weight` (absent when embeddings are tied). Both map onto the same module tree.
 PyTorch Linear weights are [out, in]; our kernels are [in, out], so projections are transposed.
+
+Loading streams: every safetensors header is parsed and checked against the config's abstract
+shapes before any tensor data is read, then tensors are read one at a time (plain file reads, no
+mmap, so the page cache never counts against the process) and written straight into their
+on-device (optionally sharded) stacked buffers. Host memory therefore holds at most one checkpoint
+tensor besides the result.
+
+Three on-disk forms:
+  * an HF directory: config.json + model.safetensors (or model.safetensors.index.json + shards),
+    optionally `linear_spec_lora/` (the PEFT draft adapter, spec §2.3) and tokenizer files;
+  * a converted directory (`save_converted`, scripts/convert_checkpoint.py): orbax params that
+    restore onto any mesh, plus config.json and the tokenizer files;
+  * `export_hf` writes an HF directory back (for PyTorch users of weights trained here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+import contextlib
 import dataclasses
+import functools
+import json
+import math
+import os
+from pathlib import Path
+import shutil
+import tempfile
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from dllm_jax.config import ModelConfig
 from dllm_jax.model import LoRAConfig, NLDModel, abstract_model
 
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+LORA_DIR = "linear_spec_lora"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CONVERTED_MARKER = "dllm_jax_converted.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+SIDE_FILES = (*TOKENIZER_FILES, "special_tokens_map.json", "generation_config.json")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not match what its config describes; the message names the culprit."""
+
+
+# --- key table ------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class KeyRule:
@@ -44,6 +82,14 @@ KEY_TABLE: tuple[KeyRule, ...] = (
           ("mlp.down_proj", True),
       )),
 )
+# PEFT names of the draft adapter (spec §2.3): lora_A [r, in] -> a = A.T [in, r];
+# lora_B [out, r] -> b = B.T [r, out].
+LORA_TABLE: tuple[KeyRule, ...] = (
+    KeyRule("base_model.model.{prefix}.layers.{i}.self_attn.o_proj.lora_A.weight",
+            ("encoder", "layers", "self_attn", "o_lora_a"), True, True),
+    KeyRule("base_model.model.{prefix}.layers.{i}.self_attn.o_proj.lora_B.weight",
+            ("encoder", "layers", "self_attn", "o_lora_b"), True, True),
+)
 HEAD_PATH = ("diffusion_head", "kernel")
 NAMING = {  # checkpoint family -> (encoder prefix, head key)
     "nld": ("encoder", "diffusion_head.weight"),
@@ -57,23 +103,35 @@ def detect_naming(keys: Iterable[str]) -> str:
     return "nld"
   if "model.embed_tokens.weight" in keys:
     return "llama"
-  raise ValueError("checkpoint has neither 'encoder.embed_tokens.weight' (NLD) nor "
-                   "'model.embed_tokens.weight' (Llama/Mistral)")
+  raise CheckpointError("checkpoint has neither 'encoder.embed_tokens.weight' (NLD) nor "
+                        "'model.embed_tokens.weight' (Llama/Mistral)")
 
 
-def expected_hf_keys(cfg: ModelConfig, naming: str = "nld") -> dict[str, tuple[KeyRule, int | None]]:
-  """Every HF key the checkpoint must contain -> (rule, layer index)."""
-  prefix, head_key = NAMING[naming]
+def _expand(rules: Iterable[KeyRule], cfg: ModelConfig, prefix: str
+            ) -> dict[str, tuple[KeyRule, int | None]]:
   out: dict[str, tuple[KeyRule, int | None]] = {}
-  for rule in KEY_TABLE:
+  for rule in rules:
     if rule.per_layer:
       for i in range(cfg.num_layers):
         out[rule.hf.format(prefix=prefix, i=i)] = (rule, i)
     else:
       out[rule.hf.format(prefix=prefix)] = (rule, None)
+  return out
+
+
+def expected_hf_keys(cfg: ModelConfig, naming: str = "nld") -> dict[str, tuple[KeyRule, int | None]]:
+  """Every HF key the checkpoint must contain -> (rule, layer index)."""
+  prefix, head_key = NAMING[naming]
+  out = _expand(KEY_TABLE, cfg, prefix)
   if not cfg.tie_word_embeddings:
     out[head_key] = (KeyRule(head_key, HEAD_PATH, True, False), None)
   return out
+
+
+def expected_lora_keys(cfg: ModelConfig, naming: str = "nld"
+                       ) -> dict[str, tuple[KeyRule, int | None]]:
+  """Every PEFT key of an o_proj-only adapter -> (rule, layer index)."""
+  return _expand(LORA_TABLE, cfg, NAMING[naming][0])
 
 
 def _get_path(tree, path):
@@ -82,52 +140,651 @@ def _get_path(tree, path):
   return tree
 
 
+def _hf_shape(state, rule: KeyRule, layer: int | None) -> tuple[int, ...]:
+  """The shape the HF tensor must have, derived from the abstract model (no allocation)."""
+  shape = tuple(_get_path(state, rule.path).value.shape)
+  shape = shape if layer is None else shape[1:]
+  return shape[::-1] if rule.transpose else shape
+
+
+def _check_key_sets(found: Iterable[str], expected: Mapping[str, Any], where: str) -> None:
+  found_keys = set(found)
+  missing = sorted(set(expected) - found_keys)
+  unexpected = sorted(found_keys - set(expected))
+  if missing:
+    raise CheckpointError(f"{where} is missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+  if unexpected:
+    info = found.get(unexpected[0]) if isinstance(found, Mapping) else None
+    in_file = f" in {info.file.name}" if isinstance(info, TensorInfo) else ""
+    raise CheckpointError(f"{where} has unexpected tensor {unexpected[0]!r}{in_file} "
+                          f"({len(unexpected)} unexpected in all)")
+
+
+# --- safetensors files ------------------------------------------------------------------------------
+
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_ST_FLOAT = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16),
+             "F32": np.dtype(np.float32)}
+_NP_TO_ST = {v: k for k, v in _ST_FLOAT.items()}
+_ST_TO_HF_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+  """One tensor as described by a safetensors header; `offset` is absolute in the file."""
+  key: str
+  file: Path
+  dtype: str
+  shape: tuple[int, ...]
+  offset: int
+  nbytes: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+  """Parses a safetensors header and checks every tensor against the file size (reads no data)."""
+  path = Path(path)
+  if not path.is_file():
+    raise CheckpointError(f"{path}: file not found")
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+    n = int.from_bytes(head, "little")
+    if 8 + n > size:
+      raise CheckpointError(f"{path}: truncated safetensors file (header needs {8 + n} bytes, "
+                            f"file has {size})")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+  infos: dict[str, TensorInfo] = {}
+  for key, meta in header.items():
+    if key == "__metadata__":
+      continue
+    try:
+      dtype, shape = meta["dtype"], tuple(int(d) for d in meta["shape"])
+      start, end = (int(o) for o in meta["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+      raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r}") from None
+    if dtype not in _ST_ITEMSIZE:
+      raise CheckpointError(f"{path}: tensor {key!r} has unknown dtype {dtype!r}")
+    need = math.prod(shape) * _ST_ITEMSIZE[dtype]
+    if end - start != need:
+      raise CheckpointError(f"{path}: tensor {key!r} spans {end - start} bytes, but shape "
+                            f"{shape} {dtype} needs {need}")
+    if 8 + n + end > size:
+      raise CheckpointError(f"{path}: truncated safetensors file (tensor {key!r} ends at byte "
+                            f"{8 + n + end}, file has {size})")
+    infos[key] = TensorInfo(key, path, dtype, shape, 8 + n + start, end - start)
+  return infos
+
+
+def index_checkpoint(model_dir: Path) -> dict[str, TensorInfo]:
+  """Headers of `model.safetensors`, or of every shard named by `model.safetensors.index.json`."""
+  model_dir = Path(model_dir)
+  single, index = model_dir / WEIGHTS_NAME, model_dir / INDEX_NAME
+  if single.exists():  # as transformers: the single file wins when both exist
+    return read_safetensors_header(single)
+  if not index.exists():
+    raise CheckpointError(f"{model_dir}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
+  try:
+    weight_map = json.loads(index.read_text())["weight_map"]
+    files = sorted(set(weight_map.values()))
+  except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+  infos: dict[str, TensorInfo] = {}
+  for name in files:
+    if not (model_dir / name).is_file():
+      raise CheckpointError(f"{index}: shard {name!r} not found in {model_dir}")
+    for key, info in read_safetensors_header(model_dir / name).items():
+      if key in infos:
+        raise CheckpointError(f"tensor {key!r} appears in both {infos[key].file.name} and {name}")
+      infos[key] = info
+  for key, name in weight_map.items():
+    if key not in infos or infos[key].file.name != name:
+      raise CheckpointError(f"{index}: lists tensor {key!r} in {name}, which does not contain it")
+  return infos
+
+
+class TensorReader:
+  """Reads tensors one at a time with plain reads, keeping one open handle per file."""
+
+  def __init__(self):
+    self._files: dict[Path, Any] = {}
+
+  def __call__(self, info: TensorInfo) -> np.ndarray:
+    dtype = _ST_FLOAT.get(info.dtype)
+    if dtype is None:
+      raise CheckpointError(f"tensor {info.key!r} in {info.file.name} has dtype {info.dtype}, "
+                            f"expected one of {', '.join(_ST_FLOAT)}")
+    f = self._files.get(info.file)
+    if f is None:
+      f = self._files[info.file] = open(info.file, "rb")  # pylint: disable=consider-using-with
+    out = np.empty(info.shape, dtype)
+    f.seek(info.offset)
+    if f.readinto(out.reshape(-1).view(np.uint8)) != info.nbytes:
+      raise CheckpointError(f"{info.file}: truncated while reading tensor {info.key!r}")
+    return out
+
+  def close(self) -> None:
+    for f in self._files.values():
+      f.close()
+    self._files.clear()
+
+  def __enter__(self) -> TensorReader:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _check_headers(infos: Mapping[str, TensorInfo], expected: Mapping[str, tuple[KeyRule, int | None]],
+                   state) -> None:
+  """Shapes and dtypes from the headers against the abstract model, before any data is read."""
+  for key, (rule, layer) in expected.items():
+    info, want = infos[key], _hf_shape(state, rule, layer)
+    if info.shape != want:
+      raise CheckpointError(f"tensor {key!r} in {info.file.name} has shape {info.shape}, but "
+                            f"config.json implies {want}")
+    if info.dtype not in _ST_FLOAT:
+      raise CheckpointError(f"tensor {key!r} in {info.file.name} has dtype {info.dtype}, "
+                            f"expected one of {', '.join(_ST_FLOAT)}")
+
+
+def write_safetensors(path: Path, tensors: Iterable[tuple[str, np.dtype, tuple[int, ...],
+                                                          Callable[[], np.ndarray]]],
+                      metadata: Mapping[str, str] | None = None) -> None:
+  """Streams tensors into a safetensors file: header first, then each tensor as it is produced.
+
+  `tensors` yields (key, numpy dtype, shape, produce) and `produce()` is called once per tensor, so
+  only one tensor is materialised at a time.
+  """
+  tensors = list(tensors)
+  header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+  offset = 0
+  for key, dtype, shape, _ in tensors:
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    header[key] = {"dtype": _NP_TO_ST[np.dtype(dtype)], "shape": list(shape),
+                   "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer pads
+  with open(path, "wb") as f:
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for key, dtype, shape, produce in tensors:
+      x = np.ascontiguousarray(produce(), dtype=dtype)
+      if x.shape != tuple(shape):
+        raise ValueError(f"tensor {key!r} produced shape {x.shape}, header says {tuple(shape)}")
+      f.write(x.reshape(-1).view(np.uint8).data)
+
+
+# --- placement onto devices -------------------------------------------------------------------------
+
+def _sharding_lookup(cfg: ModelConfig, state, mesh
+                     ) -> Callable[[tuple[str, ...]], jax.sharding.Sharding]:
+  """path -> target sharding: one device without a mesh, else dllm_jax.sharding's rules."""
+  if mesh is None:
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return lambda path: single
+  from dllm_jax import sharding  # pylint: disable=g-import-not-at-top
+  tree = sharding.param_shardings(state, mesh, sharding.mesh_rules(cfg, mesh))
+
+  def lookup(path):
+    leaf = _get_path(tree, path)
+    return leaf.value if isinstance(leaf, nnx.Variable) else leaf
+  return lookup
+
+
+def _source_sharding(sharding: jax.sharding.Sharding, ndim: int, per_layer: bool,
+                     transpose: bool) -> jax.sharding.Sharding:
+  """Sharding of a tensor as read from the file: one layer slice (no leading `layers` axis), in
+  the HF orientation (axes reversed when transposed), so the on-device transpose is local."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding
+  spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+  spec = spec[1:] if per_layer else spec
+  return jax.sharding.NamedSharding(sharding.mesh,
+                                    jax.sharding.PartitionSpec(*(spec[::-1] if transpose else spec)))
+
+
+# Transposes and casts run on the device: XLA does them in parallel, whereas numpy's strided copy of
+# a transposed bfloat16 (ml_dtypes) array runs element by element (~10 s per GB measured).
+
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(shape, dtype, sharding):
+  return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _convert_fn(sharding, dtype, transpose: bool):
+  return jax.jit(lambda x: (x.T if transpose else x).astype(dtype), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _set_layer_fn(sharding, transpose: bool):
+  # Donating the stacked buffer makes the per-layer write in place: no second copy of the stack.
+  def set_layer(buf, x, i):
+    x = (x.T if transpose else x).astype(buf.dtype)
+    return jax.lax.dynamic_update_index_in_dim(buf, x, i, 0)
+  return jax.jit(set_layer, donate_argnums=0, out_shardings=sharding)
+
+
+def _checked(x: np.ndarray, rule: KeyRule, want: tuple[int, ...], key: str, where: str
+             ) -> np.ndarray:
+  """The HF tensor after checking its shape against the param shape `want` ([in, out] layout)."""
+  hf_want = tuple(want[::-1] if rule.transpose else want)
+  if tuple(x.shape) != hf_want:
+    raise CheckpointError(f"tensor {key!r} in {where} has shape {tuple(x.shape)}, expected {hf_want}")
+  return x
+
+
+def _fill_state(state, entries: Mapping[str, tuple[KeyRule, int | None]],
+                read: Callable[[str], np.ndarray], where: Callable[[str], str],
+                shard_of: Callable[[tuple[str, ...]], jax.sharding.Sharding],
+                progress: Callable[[int], None] | None = None) -> None:
+  """Reads every entry once and writes it into its (stacked, sharded) device buffer in `state`."""
+  groups: dict[tuple[str, ...], list[tuple[str, KeyRule, int | None]]] = {}
+  for key, (rule, layer) in entries.items():
+    groups.setdefault(rule.path, []).append((key, rule, layer))
+  for path, items in groups.items():
+    var = _get_path(state, path)
+    shape, dtype, sharding = tuple(var.value.shape), var.value.dtype, shard_of(path)
+    rule = items[0][1]
+    src_sharding = _source_sharding(sharding, len(shape), rule.per_layer, rule.transpose)
+    if not rule.per_layer:
+      (key, _, _), = items
+      x = jax.device_put(_checked(read(key), rule, shape, key, where(key)), src_sharding)
+      var.value = _convert_fn(sharding, dtype, rule.transpose)(x)
+      del x
+      if progress:
+        progress(1)
+      continue
+    buf = _zeros_fn(shape, dtype, sharding)()
+    set_layer = _set_layer_fn(sharding, rule.transpose)
+    for key, _, layer in items:
+      x = jax.device_put(_checked(read(key), rule, shape[1:], key, where(key)), src_sharding)
+      buf = set_layer(buf, x, np.int32(layer))
+      del x
+      if progress:
+        progress(1)
+    var.value = buf
+
+
+def _zero_unfilled(state, shard_of) -> None:
+  """LoRA factors absent from the checkpoint become zeros, which makes the adapter the identity."""
+  for path, var in nnx.to_flat_state(state):
+    if isinstance(var.value, jax.ShapeDtypeStruct):
+      var.value = _zeros_fn(tuple(var.value.shape), var.value.dtype, shard_of(path))()
+
+
 def model_from_tensors(cfg: ModelConfig, get_tensor: Callable[[str], np.ndarray], keys: Iterable[str],
-                       *, dtype=jnp.float32, param_dtype=None, lora: LoRAConfig | None = None
-                       ) -> NLDModel:
+                       *, dtype=jnp.float32, param_dtype=None, lora: LoRAConfig | None = None,
+                       mesh=None) -> NLDModel:
   """Builds an NLDModel from HF-named tensors fetched one at a time by `get_tensor(key)`.
 
-  Per-layer tensors are written into preallocated stacked host buffers, so at most one checkpoint
-  tensor is held besides the result.
+  With `lora`, `keys` may also hold the adapter's PEFT keys (spec §2.3, all layers); without them
+  the adapter is zero (identity). At most one checkpoint tensor is held besides the result.
   """
-  param_dtype = dtype if param_dtype is None else param_dtype
   keys = list(keys)
   naming = detect_naming(keys)
   expected = expected_hf_keys(cfg, naming)
-  unexpected = sorted(set(keys) - set(expected))
-  missing = sorted(set(expected) - set(keys))
-  if missing:
-    raise ValueError(f"checkpoint is missing key {missing[0]!r} ({len(missing)} missing in all)")
-  if unexpected:
-    raise ValueError(f"checkpoint has unexpected key {unexpected[0]!r} "
-                     f"({len(unexpected)} unexpected in all)")
+  if lora is not None:
+    lora_expected = expected_lora_keys(cfg, naming)
+    if set(keys) & set(lora_expected):
+      expected = {**expected, **lora_expected}
+  _check_key_sets(keys, expected, "checkpoint")
   model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora)
   graphdef, state = nnx.split(model)
-  host: dict[tuple[str, ...], np.ndarray] = {}
-  for key, (rule, layer) in expected.items():
-    target = _get_path(state, rule.path)
-    want = target.value.shape if layer is None else target.value.shape[1:]
-    x = np.asarray(get_tensor(key))
-    x = x.T if rule.transpose else x
-    if tuple(x.shape) != tuple(want):
-      raise ValueError(f"tensor {key!r} has shape {tuple(x.shape[::-1] if rule.transpose else x.shape)},"
-                       f" expected {tuple(want[::-1] if rule.transpose else want)}")
-    np_dtype = np.dtype(jnp.dtype(param_dtype))
-    if layer is None:
-      host[rule.path] = x.astype(np_dtype)
-    else:
-      buf = host.get(rule.path)
-      if buf is None:
-        buf = host[rule.path] = np.empty(target.value.shape, np_dtype)
-      buf[layer] = x
-  for path, arr in host.items():
-    _get_path(state, path).value = jnp.asarray(arr)
-  # LoRA factors are not in the base checkpoint: zeros make the adapter an exact identity.
-  state = jax.tree.map(
-      lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, state)
+  shard_of = _sharding_lookup(cfg, state, mesh)
+  _fill_state(state, expected, lambda k: np.asarray(get_tensor(k)), lambda k: "checkpoint",
+              shard_of)
+  _zero_unfilled(state, shard_of)
   return nnx.merge(graphdef, state)
 
 
 def model_from_state_dict(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], **kw) -> NLDModel:
   """Convenience wrapper over an in-memory {HF key: array} mapping."""
   return model_from_tensors(cfg, tensors.__getitem__, tensors.keys(), **kw)
+
+
+# --- the draft LoRA adapter -----------------------------------------------------------------------
+
+def read_adapter_config(adapter_dir: Path) -> LoRAConfig:
+  """Validates a PEFT adapter_config.json as an o_proj-only plain LoRA and returns its rank/alpha."""
+  path = Path(adapter_dir) / ADAPTER_CONFIG
+  if not path.is_file():
+    raise CheckpointError(f"{path}: file not found")
+  try:
+    ac = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(ac, dict):
+    raise CheckpointError(f"{path}: not a JSON object")
+  targets = ac.get("target_modules")
+  targets = [targets] if isinstance(targets, str) else targets
+  checks = (
+      (ac.get("peft_type", "LORA") == "LORA", f"peft_type={ac.get('peft_type')!r}, expected 'LORA'"),
+      (targets == ["o_proj"], f"target_modules={ac.get('target_modules')!r}, expected ['o_proj']"),
+      (not ac.get("use_dora"), "use_dora=true is not supported"),
+      (not ac.get("use_rslora"), "use_rslora=true is not supported"),
+      (ac.get("bias", "none") == "none", f"bias={ac.get('bias')!r}, expected 'none'"),
+      (not ac.get("fan_in_fan_out"), "fan_in_fan_out=true is not supported"),
+      (not ac.get("modules_to_save"), "modules_to_save is not supported"),
+      (ac.get("layers_to_transform") is None, "layers_to_transform is not supported"),
+      (not ac.get("rank_pattern") and not ac.get("alpha_pattern"),
+       "rank_pattern/alpha_pattern are not supported"),
+      (isinstance(ac.get("r"), int) and ac["r"] > 0, f"r={ac.get('r')!r}, expected a positive int"),
+      (isinstance(ac.get("lora_alpha"), (int, float)) and not isinstance(ac.get("lora_alpha"), bool),
+       f"lora_alpha={ac.get('lora_alpha')!r}, expected a number"),
+  )
+  for ok, msg in checks:
+    if not ok:
+      raise CheckpointError(f"{path}: {msg}")
+  return LoRAConfig(rank=int(ac["r"]), alpha=float(ac["lora_alpha"]))
+
+
+def _adapter_headers(adapter_dir: Path, cfg: ModelConfig, naming: str, state
+                     ) -> tuple[dict[str, TensorInfo], dict[str, tuple[KeyRule, int | None]]]:
+  infos = read_safetensors_header(Path(adapter_dir) / ADAPTER_WEIGHTS)
+  expected = expected_lora_keys(cfg, naming)
+  _check_key_sets(infos, expected, str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+  for key, (rule, layer) in expected.items():
+    info, want = infos[key], _hf_shape(state, rule, layer)
+    if info.shape != want:
+      raise CheckpointError(f"tensor {key!r} in {info.file} has shape {info.shape}, expected "
+                            f"{want} (rank from {ADAPTER_CONFIG}, widths from config.json)")
+    if info.dtype not in _ST_FLOAT:
+      raise CheckpointError(f"tensor {key!r} in {info.file} has dtype {info.dtype}, expected F32")
+  return infos, expected
+
+
+# --- load_pretrained --------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Pretrained:
+  """A loaded checkpoint: config, ready model, where the tokenizer files are, the draft adapter."""
+  config: ModelConfig
+  model: NLDModel
+  tokenizer_dir: Path | None
+  lora: LoRAConfig | None
+  path: Path
+
+
+def _read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
+  path = model_dir / "config.json"
+  if not path.is_file():
+    raise CheckpointError(f"{model_dir}: no config.json (expected an HF model directory or one "
+                          "written by scripts/convert_checkpoint.py)")
+  try:
+    hf = json.loads(path.read_text())
+    return ModelConfig.from_hf_config(hf), hf
+  except (json.JSONDecodeError, ValueError, TypeError) as e:
+    raise CheckpointError(f"{path}: {e}") from None
+
+
+def _tokenizer_dir(model_dir: Path) -> Path | None:
+  return model_dir if any((model_dir / n).is_file() for n in TOKENIZER_FILES) else None
+
+
+def _want_lora(lora: bool | str, available: bool, where: Path) -> bool:
+  if lora not in (True, False, "required"):
+    raise ValueError(f"lora={lora!r}: expected True, False or 'required'")
+  if lora == "required" and not available:
+    raise CheckpointError(f"{where}: no draft adapter ({LORA_DIR}/) but lora='required'")
+  return bool(lora) and available
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None,
+                    lora: bool | str = True, progress: bool = False) -> Pretrained:
+  """Loads an HF directory or a converted (orbax) directory into a ready NLDModel.
+
+  dtype / param_dtype: compute and parameter dtypes (param_dtype defaults to dtype); the LoRA
+    factors stay fp32. mesh: place each parameter on its dllm_jax.sharding target (None: one device).
+  lora: True loads `linear_spec_lora/` when present, "required" fails without it, False skips it.
+  Every header is validated against config.json before any tensor data is read.
+  """
+  path = Path(path)
+  if not path.is_dir():
+    raise CheckpointError(f"{path}: not a directory")
+  if (path / CONVERTED_MARKER).is_file():
+    return _load_converted(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, lora=lora)
+  cfg, _ = _read_config(path)
+  infos = index_checkpoint(path)
+  naming = detect_naming(infos)
+  expected = expected_hf_keys(cfg, naming)
+  _check_key_sets(infos, expected, f"checkpoint {path}")
+  adapter_dir = path / LORA_DIR
+  lora_cfg = None
+  if _want_lora(lora, adapter_dir.is_dir(), path):
+    lora_cfg = read_adapter_config(adapter_dir)
+  model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora_cfg)
+  graphdef, state = nnx.split(model)
+  _check_headers(infos, expected, state)
+  lora_infos, lora_expected = ({}, {})
+  if lora_cfg is not None:
+    lora_infos, lora_expected = _adapter_headers(adapter_dir, cfg, naming, state)
+  all_infos = {**infos, **lora_infos}
+  shard_of = _sharding_lookup(cfg, state, mesh)
+  with contextlib.ExitStack() as stack:
+    read = stack.enter_context(TensorReader())
+    bar = None
+    if progress:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      bar = stack.enter_context(tqdm(total=len(all_infos), desc=f"loading {path.name}",
+                                     unit="tensor"))
+    _fill_state(state, {**expected, **lora_expected}, lambda k: read(all_infos[k]),
+                lambda k: all_infos[k].file.name, shard_of, bar.update if bar else None)
+  return Pretrained(cfg, nnx.merge(graphdef, state), _tokenizer_dir(path), lora_cfg, path)
+
+
+# --- converted (orbax) directories -------------------------------------------------------------------
+
+def _split_params(model: NLDModel):
+  """(graphdef, lora state, base state); LoRAParam is a Param subclass, so it is filtered first."""
+  return nnx.split(model, nnx.LoRAParam, nnx.Param)
+
+
+def _abstract_target(tree: Mapping[str, Any], shard_of, path=()) -> dict[str, Any]:
+  return {k: (_abstract_target(v, shard_of, (*path, k)) if isinstance(v, Mapping)
+              else jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shard_of((*path, k))))
+          for k, v in tree.items()}
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: Path):
+  """Yields a temp dir beside `out_dir` that is renamed onto it only if the body succeeds."""
+  out_dir = Path(out_dir).absolute()
+  if out_dir.exists():
+    raise CheckpointError(f"{out_dir}: already exists (remove it first)")
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+  try:
+    yield tmp
+    os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _copy_side_files(src: Path | None, dst: Path) -> None:
+  if src is None:
+    return
+  for name in SIDE_FILES:
+    if (src / name).is_file():
+      shutil.copy2(src / name, dst / name)
+
+
+def _config_json(cfg: ModelConfig, source: Path | None, naming: str = "nld",
+                 dtype: str | None = None) -> dict[str, Any]:
+  """Our config in HF form, over the source config.json (keeps auto_map and other extra fields)."""
+  out: dict[str, Any] = {}
+  if source is not None and (source / "config.json").is_file():
+    out = json.loads((source / "config.json").read_text())
+    out.pop("rope_scaling", None)  # superseded by rope_parameters below
+  out.update(cfg.to_hf_config())
+  if naming == "llama":
+    out.update(architectures=["Ministral3ForCausalLM"], model_type="ministral3")
+    out.pop("auto_map", None)
+  else:
+    out.setdefault("architectures", ["NemotronLabsDiffusionModel"])
+    out.setdefault("model_type", "nemotron_labs_diffusion")
+  if dtype is not None:
+    out["dtype"] = dtype
+    out.pop("torch_dtype", None)
+  return out
+
+
+def _orbax_checkpointer():
+  """A synchronous orbax checkpointer that keeps about 1 GB of arrays in flight on the host.
+
+  The default (asynchronous, 96 GB budgets) first copies every array to host memory, which would
+  double the host footprint of a conversion.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
+      save_concurrent_gb=1, restore_concurrent_gb=1, save_device_host_concurrent_gb=1))
+
+
+def save_converted(pre: Pretrained, out_dir: str | os.PathLike) -> Path:
+  """Writes `pre` as a converted directory (orbax params + config + tokenizer files), atomically."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  out_dir = Path(out_dir).absolute()
+  _, lora_state, base_state = _split_params(pre.model)
+  with _atomic_dir(out_dir) as tmp:
+    items = [("params", base_state)] + ([("lora", lora_state)] if pre.lora is not None else [])
+    with _orbax_checkpointer() as ckptr:
+      for item, state in items:
+        # One orbax checkpoint per parameter: orbax keeps every host copy of a call alive until
+        # the call ends (measured: +0.5x the checkpoint in host memory for one whole-tree call).
+        for name, (keys, value) in _flat_leaves(state.to_pure_dict()).items():
+          ckptr.save(tmp / item / name, args=ocp.args.PyTreeSave(_nest(keys, value)))
+    (tmp / "config.json").write_text(json.dumps(_config_json(pre.config, pre.path), indent=2))
+    _copy_side_files(pre.tokenizer_dir, tmp)
+    marker = {"format": 1, "lora": dataclasses.asdict(pre.lora) if pre.lora else None}
+    (tmp / CONVERTED_MARKER).write_text(json.dumps(marker, indent=2))
+  return out_dir
+
+
+def _flat_leaves(tree: Mapping[str, Any]) -> dict[str, tuple[list[str], Any]]:
+  """{"encoder.layers.mlp.up_proj.kernel": (path keys, leaf)} of a nested dict."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    keys = [str(k.key) for k in path]
+    out[".".join(keys)] = (keys, leaf)
+  return out
+
+
+def _nest(keys: list[str], leaf) -> dict[str, Any]:
+  for k in reversed(keys):
+    leaf = {k: leaf}
+  return leaf
+
+
+def _deep_update(dst: dict[str, Any], src: Mapping[str, Any]) -> None:
+  for k, v in src.items():
+    if isinstance(v, Mapping):
+      _deep_update(dst.setdefault(k, {}), v)
+    else:
+      dst[k] = v
+
+
+def _check_stored(ckptr, item_dir: Path, target: Mapping[str, tuple[list[str], Any]]) -> None:
+  """Parameter names and orbax-recorded shapes against the config's, before any restore."""
+  if not item_dir.is_dir():
+    raise CheckpointError(f"{item_dir}: not found (incomplete converted directory)")
+  stored = [p.name for p in item_dir.iterdir() if p.is_dir()]
+  _check_key_sets(stored, target, str(item_dir))
+  for name, (_, want) in target.items():
+    try:
+      (shape,) = [tuple(m.shape) for m in
+                  jax.tree.leaves(ckptr.metadata(item_dir / name).item_metadata)]
+    except (FileNotFoundError, ValueError, KeyError, AttributeError) as e:
+      raise CheckpointError(f"{item_dir / name}: unreadable orbax metadata "
+                            f"({str(e).splitlines()[0]})") from None
+    if shape != tuple(want.shape):
+      raise CheckpointError(f"{item_dir}: param {name!r} has shape {shape}, but config.json "
+                            f"implies {tuple(want.shape)}")
+
+
+def _load_converted(path: Path, *, dtype, param_dtype, mesh, lora) -> Pretrained:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  try:
+    marker = json.loads((path / CONVERTED_MARKER).read_text())
+    stored_lora = LoRAConfig(**marker["lora"]) if marker.get("lora") else None
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{path / CONVERTED_MARKER}: corrupt ({e!r})") from None
+  cfg, _ = _read_config(path)
+  lora_cfg = stored_lora if _want_lora(lora, stored_lora is not None, path) else None
+  model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora_cfg)
+  graphdef, lora_state, base_state = _split_params(model)
+  _, full_state = nnx.split(model)
+  shard_of = _sharding_lookup(cfg, full_state, mesh)
+  items = [("params", base_state)] + ([("lora", lora_state)] if lora_cfg is not None else [])
+  targets = [_flat_leaves(_abstract_target(state.to_pure_dict(), shard_of)) for _, state in items]
+  with _orbax_checkpointer() as ckptr:
+    for (item, _), target in zip(items, targets):  # all checks before any restore
+      _check_stored(ckptr, path / item, target)
+    for (item, state), target in zip(items, targets):
+      restored: dict[str, Any] = {}
+      for name, (keys, leaf) in target.items():
+        one = _nest(keys, leaf)
+        _deep_update(restored, ckptr.restore(path / item / name, args=ocp.args.PyTreeRestore(
+            item=one, restore_args=ocp.checkpoint_utils.construct_restore_args(one))))
+      nnx.replace_by_pure_dict(state, restored)
+  return Pretrained(cfg, nnx.merge(graphdef, lora_state, base_state), _tokenizer_dir(path),
+                    lora_cfg, path)
+
+
+# --- export to HF ----------------------------------------------------------------------------------
+
+def _export_entries(state, entries: Mapping[str, tuple[KeyRule, int | None]], dtype):
+  """(key, dtype, HF shape, produce) per tensor; produce() fetches one layer slice at a time."""
+  out = []
+  for key, (rule, layer) in entries.items():
+    var = _get_path(state, rule.path)
+    out_dtype = np.dtype(var.value.dtype if dtype is None else dtype)
+
+    def produce(var=var, rule=rule, layer=layer, out_dtype=out_dtype):
+      x = var.value if layer is None else var.value[layer]
+      x = x.T if rule.transpose else x  # on the device: see the note above _zeros_fn
+      return np.asarray(jax.device_get(x.astype(out_dtype)))
+    out.append((key, out_dtype, _hf_shape(state, rule, layer), produce))
+  return out
+
+
+def export_hf(model: NLDModel, out_dir: str | os.PathLike, *, naming: str = "nld", dtype=None,
+              source_dir: str | os.PathLike | None = None) -> Path:
+  """Writes an HF-layout directory: config.json, model.safetensors and, when the model carries the
+  draft adapter, `linear_spec_lora/` in PEFT format. Atomic: nothing appears at `out_dir` unless
+  everything was written.
+
+  naming: "nld" (`encoder.*`, `diffusion_head.weight`) or "llama" (`model.*`, `lm_head.weight`,
+    loadable by transformers' Ministral3ForCausalLM). dtype: tensor dtype (default: the params').
+  source_dir: an HF directory whose config.json extras (auto_map, ...) and tokenizer files to keep.
+  """
+  if naming not in NAMING:
+    raise ValueError(f"naming={naming!r}: expected one of {', '.join(NAMING)}")
+  cfg = model.cfg
+  source = Path(source_dir) if source_dir is not None else None
+  _, state = nnx.split(model)
+  base = _export_entries(state, expected_hf_keys(cfg, naming), dtype)
+  with _atomic_dir(Path(out_dir)) as tmp:
+    write_safetensors(tmp / WEIGHTS_NAME, base)
+    (tmp / "config.json").write_text(json.dumps(
+        _config_json(cfg, source, naming, _ST_TO_HF_DTYPE[_NP_TO_ST[base[0][1]]]), indent=2))
+    _copy_side_files(source, tmp)
+    if model.lora is not None:
+      (tmp / LORA_DIR).mkdir()
+      write_safetensors(tmp / LORA_DIR / ADAPTER_WEIGHTS,
+                        _export_entries(state, expected_lora_keys(cfg, naming), np.float32))
+      adapter = dict(peft_type="LORA", task_type="CAUSAL_LM", r=model.lora.rank,
+                     lora_alpha=model.lora.alpha, target_modules=["o_proj"], lora_dropout=0.0,
+                     bias="none", use_rslora=False, use_dora=False, fan_in_fan_out=False,
+                     inference_mode=True)
+      (tmp / LORA_DIR / ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2))
+  return Path(out_dir).absolute()

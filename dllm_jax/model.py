@@ -247,7 +247,7 @@ class NLDModel(nnx.Module):
                positions: jax.Array | None = None, n_new: jax.Array | None = None,
                key_valid: jax.Array | None = None, lora: bool = False,
                qscale_positions: jax.Array | None = None, impl: str | None = None,
-               return_hidden: bool = False):
+               logits_at: jax.Array | None = None, return_hidden: bool = False):
     """tokens [B, T] -> (logits [B, T, V] in the compute dtype, cache).
 
     positions: absolute positions [B, T]; default: cache length + arange(T) (0.. without cache;
@@ -257,6 +257,8 @@ class NLDModel(nnx.Module):
       mode (ragged prefill; default T). All T are written, only n_new[b] become visible.
     key_valid: [B, T] key-padding mask for cache-less modes (and for the block in diffusion mode).
     lora: add the o_proj LoRA delta (the draft adapter).
+    logits_at: [B, K] input indices: return logits [B, K, V] at those positions only (a prefill
+      needs one row per sequence; the full [B, T, V] would dwarf the activations at vocab 131k).
     """
     cfg = self.cfg
     if mode not in MODES:
@@ -321,6 +323,8 @@ class NLDModel(nnx.Module):
     (h, kbuf, vbuf), _ = jax.lax.scan(
         layer_body, (h, kbuf, vbuf), (layers_state, jnp.arange(cfg.num_layers)))
     z = self.encoder.norm(h)
+    if logits_at is not None:
+      z = jnp.take_along_axis(z, logits_at[:, :, None], axis=1)
     if return_hidden:
       return z
     if cfg.tie_word_embeddings:

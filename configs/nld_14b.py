@@ -1,0 +1,13 @@
+"""Nemotron-Labs-Diffusion-14B (instruct): chat template, self-speculation with the draft LoRA.
+
+python scripts/generate.py --config=configs/nld_14b.py --config.checkpoint=/path/to/Nemotron-Labs-Diffusion-14B
+"""
+
+import pathlib
+import runpy
+
+_common = runpy.run_path(str(pathlib.Path(__file__).with_name("common.py")))
+
+
+def get_config():
+  return _common["generate_config"](mode="spec", chat=True)

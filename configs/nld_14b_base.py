@@ -1,0 +1,14 @@
+"""Nemotron-Labs-Diffusion-14B-Base: raw text (BOS + prompt), block diffusion.
+
+python scripts/generate.py --config=configs/nld_14b_base.py --config.checkpoint=/path/to/Nemotron-Labs-Diffusion-14B-Base
+"""
+
+import pathlib
+import runpy
+
+_common = runpy.run_path(str(pathlib.Path(__file__).with_name("common.py")))
+
+
+def get_config():
+  return _common["generate_config"](mode="diffusion", chat=False,
+                                    prompt="The three laws of thermodynamics are")

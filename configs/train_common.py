@@ -1,0 +1,85 @@
+"""Knobs shared by every `scripts/train.py` config; each job file sets what differs.
+
+Defaults follow the NVIDIA recipes of spec §6.3: AdamW beta2 0.95, weight decay 0.1, grad clip 1.0,
+warmup-stable-decay schedule, block_diff joint objective with eps = 1e-3, bf16 compute on fp32
+master weights.
+"""
+
+from ml_collections import config_dict
+
+
+def train_config(overrides: dict | None = None) -> config_dict.ConfigDict:
+  """The full knob set; `overrides` maps dotted keys ("optim.peak_lr") to new values."""
+  c = config_dict.ConfigDict()
+  c.seed = 0
+
+  c.model = config_dict.ConfigDict()
+  c.model.init_from = ""  # HF or converted NLD directory; empty: random init from `preset`
+  c.model.preset = "tiny"
+  c.model.overrides = config_dict.ConfigDict()  # ModelConfig fields for presets (e.g. block_size)
+  c.model.dtype = "bfloat16"  # compute dtype
+  c.model.param_dtype = "float32"  # master weights
+  c.model.lora_rank = 0  # > 0: build the o_proj draft adapter (NLD: rank 128, alpha 512)
+  c.model.lora_alpha = 512.0
+
+  c.objective = config_dict.ConfigDict()
+  # block_diff | bidirectional | autoregressive | draft; empty: the model config's dlm_paradigm.
+  c.objective.paradigm = "block_diff"
+  c.objective.eps = 1e-3
+  c.objective.ar_loss_weight = config_dict.placeholder(float)  # None: from the model config
+  c.objective.dlm_loss_weight = config_dict.placeholder(float)
+  c.objective.mask_token_id = config_dict.placeholder(int)
+  # draft paradigm: blocks drafted per forward, each pass holding that many cache copies (0: all).
+  c.objective.draft_blocks_per_pass = 0
+
+  c.data = config_dict.ConfigDict()
+  c.data.path = ""  # jsonl: {"messages": [...]} (loss on assistant turns) or {"text": ...}
+  c.data.tokenizer = ""  # directory with tokenizer.json; empty: the checkpoint's
+  c.data.seq_len = 1024  # multiple of the block size for block_diff / draft
+  c.data.batch_size = 8  # sequences per micro-batch (split over the data axis of the mesh)
+  c.data.micro_batches = 1  # gradient accumulation
+  c.data.seed = 0
+  # Self-generated data: with `prompts` (jsonl of {"messages"} or {"text"}) set and `path` absent,
+  # the starting model's greedy answers to the prompts are written to `path` first.
+  c.data.prompts = ""
+  c.data.gen_max_new_tokens = 256
+  c.data.gen_batch_size = 16
+
+  c.optim = config_dict.ConfigDict()
+  c.optim.peak_lr = 1e-5
+  c.optim.final_lr = 1e-6
+  c.optim.warmup_steps = 10
+  c.optim.decay_steps = 200
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1
+  c.optim.clip_norm = 1.0
+
+  c.train = config_dict.ConfigDict()
+  c.train.steps = 1000
+  c.train.trainable = "full"  # "full" or "lora" (adapter only, base frozen; needs paradigm draft)
+  c.train.log_every = 10
+  c.train.mesh = ""  # "data,model"; empty: every device on the data axis
+
+  c.checkpoint = config_dict.ConfigDict()
+  c.checkpoint.dir = ""  # orbax checkpoints + resume; empty: no checkpoints
+  c.checkpoint.save_every = 100
+  c.checkpoint.keep = 3
+
+  c.export = config_dict.ConfigDict()
+  c.export.peft_dir = ""  # write the trained adapter as adapter_config.json + safetensors
+  c.export.hf_dir = ""  # write an HF-layout checkpoint (config.json + model.safetensors)
+  c.export.hf_dtype = "bfloat16"
+
+  for key, value in (overrides or {}).items():
+    *parents, leaf = key.split(".")
+    node = c
+    for part in parents:
+      if part not in node:
+        raise KeyError(f"train_config: unknown key {key!r}")
+      node = node[part]
+    if leaf not in node:
+      raise KeyError(f"train_config: unknown key {key!r}")
+    node[leaf] = value
+  return c

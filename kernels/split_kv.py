@@ -1,0 +1,67 @@
+"""XLA side of split-KV (flash-decoding) attention, shared by the Mosaic GPU and Triton kernels.
+
+Kernels see queries with GQA folded into rows: for kv head g, row t * R + j is query t of head
+g * R + j (R = H / G). Each split of the key range yields a normalised partial output and the
+per-row natural-log LSE; `combine` merges them exactly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG = -1e30  # finite "minus infinity": keeps empty rows/splits NaN-free (-inf - -inf = NaN)
+
+
+def fold_queries(q: jax.Array, num_kv_heads: int, total_rows: int) -> jax.Array:
+  """[B, T, H, D] -> [B, G, rows, D], row t * R + j = head g * R + j at query t, zero-padded."""
+  b, t, h, d = q.shape
+  qg = q.reshape(b, t, num_kv_heads, h // num_kv_heads, d).transpose(0, 2, 1, 3, 4)
+  qg = qg.reshape(b, num_kv_heads, t * (h // num_kv_heads), d)
+  return jnp.pad(qg, ((0, 0), (0, 0), (0, total_rows - qg.shape[2]), (0, 0)))
+
+
+def unfold_rows(x: jax.Array, t: int, h: int) -> jax.Array:
+  """[B, G, rows, D] -> [B, T, H, D] (inverse of `fold_queries`, dropping padding rows)."""
+  b, g, _, d = x.shape
+  x = x[:, :, :t * (h // g)].reshape(b, g, t, h // g, d).transpose(0, 2, 1, 3, 4)
+  return x.reshape(b, t, h, d)
+
+
+def block_partial(q, block_k, block_v, key_valid, scale):
+  """The prefix block's own keys as one more split: (o [B,G,T*R,D] normalised, lse [B,G,T*R])."""
+  b, t, h, d = q.shape
+  g = block_k.shape[2]
+  qg = q.reshape(b, t, g, h // g, d)
+  s = jnp.einsum("btgrd,bsgd->bgtrs", qg, block_k, preferred_element_type=jnp.float32) * scale
+  if key_valid is not None:
+    s = jnp.where(key_valid[:, None, None, None, :], s, NEG)
+  lse = jax.nn.logsumexp(s, axis=-1)
+  p = jnp.exp(s - lse[..., None])
+  o = jnp.einsum("bgtrs,bsgd->bgtrd", p.astype(block_v.dtype), block_v,
+                 preferred_element_type=jnp.float32)
+  return o.reshape(b, g, t * (h // g), d), lse.reshape(b, g, t * (h // g))
+
+
+def combine(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
+  """Merges normalised split outputs [B,G,n,M,D] with their LSEs [B,G,n,M] -> [B,G,M,D] fp32."""
+  lse_max = lse_parts.max(axis=2, keepdims=True)
+  w = jnp.exp(lse_parts - lse_max)  # empty splits carry NEG: weight 0 unless all are empty
+  return (w[..., None] * o_parts).sum(axis=2) / w.sum(axis=2)[..., None]
+
+
+def finish(o_parts: jax.Array, lse_parts: jax.Array, q: jax.Array, *, block_k=None, block_v=None,
+           key_valid=None, scale: float) -> jax.Array:
+  """Kernel partials [B,G,n,rows,D] / [B,G,n,rows] -> attention output [B,T,H,D] in q's dtype.
+
+  With block_k/block_v ("prefix"), the block's own keys join as one more split.
+  """
+  b, t, h, _ = q.shape
+  if block_k is not None:
+    o_blk, lse_blk = block_partial(q, block_k, block_v, key_valid, scale)
+    pad = o_parts.shape[3] - o_blk.shape[2]
+    o_blk = jnp.pad(o_blk, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    lse_blk = jnp.pad(lse_blk, ((0, 0), (0, 0), (0, pad)), constant_values=NEG)
+    o_parts = jnp.concatenate([o_parts, o_blk[:, :, None]], axis=2)
+    lse_parts = jnp.concatenate([lse_parts, lse_blk[:, :, None]], axis=2)
+  return unfold_rows(combine(o_parts, lse_parts), t, h).astype(q.dtype)

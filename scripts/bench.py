@@ -1,0 +1,472 @@
+r"""Decoding benchmarks: JAX engine per mode, against PyTorch on the same weights, in one run.
+
+  python scripts/bench.py --config=configs/bench_cpu.py --json=/tmp/bench.json
+  python scripts/bench.py --config=configs/bench_gpu.py --gpu_shapes   # on a CUDA machine
+
+For every (model, mode, batch) case it reports forwards/s, ms per forward (denoising step, commit,
+draft, verify, AR step), NFE, tokens per forward, output tokens/s, compile seconds and peak memory,
+with the warm-up (compiling) call excluded and medians over repeats. Output tokens only: prompts
+are never counted. The same case then runs on the PyTorch baseline holding the same weights
+(transformers `generate` for AR, the straightforward loops of scripts/torch_reference_decode.py for
+diffusion and spec) and the ratio is reported, with the fraction of positions where both produced
+the same greedy tokens.
+
+Engine overhead: each kind of forward is also timed alone (jitted, same shapes, same cache size);
+overhead = 1 - (sum over forwards of their isolated times) / decode time.
+
+--gpu_shapes adds the hardware section: per-forward time of NLD 3B/8B shapes with random weights
+against the bandwidth roofline (bytes read / measured device copy bandwidth) and against
+transformers (SDPA) on the same GPU. It is skipped, with a message, when JAX has no GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+# JAX and PyTorch share the accelerator within one run: allocate on demand instead of grabbing 75%.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import dataclasses  # pylint: disable=g-import-not-at-top,wrong-import-position
+import gc
+import json
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import torch
+
+from dllm_jax import bench_utils as bu
+from dllm_jax.checkpoint import model_from_state_dict
+from dllm_jax.config import ModelConfig, preset
+from dllm_jax.decode import generate
+from dllm_jax.decode.common import bucket_length
+from dllm_jax.model import LoRAConfig, NLDModel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_reference_decode as tref  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MODES = ("ar", "diffusion", "spec")
+# Forward kinds each mode is made of (see bench_utils.FORWARD_KINDS).
+MODE_FORWARDS = {"ar": ("ar",), "diffusion": ("denoise", "commit"), "spec": ("draft", "verify")}
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Models:
+  """One model under both frameworks, holding the same weights."""
+  name: str
+  cfg: ModelConfig
+  jax_model: NLDModel
+  torch_model: Any  # transformers model, or None without baselines
+  lora: tuple[np.ndarray, np.ndarray, float] | None  # draft adapter (a, b, scale)
+  torch_lora: tref.TorchLoRA | None
+
+
+def model_config(name: str, spec: ml_collections.ConfigDict) -> ModelConfig:
+  """A random-weight model: an NLD preset with `spec.overrides` applied."""
+  try:
+    return preset(spec.base).replace(**dict(spec.get("overrides", {})))
+  except TypeError as e:
+    raise ValueError(f"--config.models.{name}.overrides: {e}") from None
+
+
+def load_models(name: str, spec: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                dtype, torch_dtype, torch_device: str, need_lora: bool) -> Models:
+  if spec.source == "smollm2":
+    from dllm_jax import gguf  # pylint: disable=g-import-not-at-top
+    ckpt = gguf.load_gguf(gguf.embedded_default_path())
+    cfg, tensors = ckpt.config, ckpt.tensors()  # dequantized to fp32 once, shared by both sides
+  elif spec.source == "random":
+    cfg = model_config(name, spec)
+    tensors = bu.random_llama_tensors(cfg, config.seed)
+  else:
+    raise ValueError(f"--config.models.{name}.source={spec.source!r}: expected random or smollm2")
+  if config.attention_impl:
+    cfg = cfg.replace(attention_impl=config.attention_impl)
+  lora = None
+  lora_cfg = None
+  if need_lora and cfg.mask_token_id is not None and config.spec.lora_rank:
+    lora_cfg = LoRAConfig(config.spec.lora_rank, 4.0 * config.spec.lora_rank)  # NLD: 128 / 512
+    a, b = bu.random_lora(cfg, config.spec.lora_rank, config.seed + 1)
+    lora = (a, b, lora_cfg.scale)
+  jax_model = model_from_state_dict(cfg, tensors, dtype=dtype, lora=lora_cfg)
+  if lora:
+    bu.set_lora(jax_model, lora[0], lora[1])
+  tm = (tref.torch_model(cfg, tensors, dtype=torch_dtype, device=torch_device)
+        if config.torch_baseline else None)
+  torch_lora = tref.TorchLoRA.from_numpy(tm, *lora) if lora and tm is not None else None
+  return Models(name, cfg, jax_model, tm, lora, torch_lora)
+
+
+# --- one case: JAX engine ---------------------------------------------------------------------------
+
+def mode_kwargs(mode: str, config: ml_collections.ConfigDict, threshold: float | None
+                ) -> dict[str, Any]:
+  sub = config[mode]
+  kw = dict(mode=mode, max_new_tokens=sub.max_new_tokens, eos_token_ids=())
+  if mode != "ar":
+    kw.update(block_length=sub.block_length, threshold=threshold)
+  return kw
+
+
+def forward_counts(mode: str, kw: dict[str, Any], results) -> dict[str, int]:
+  """How many forwards of each kind one generate call ran (the batch runs while any row runs)."""
+  decode_nfe = max(max(r.decode_nfe) for r in results)
+  if mode == "ar":
+    return {"ar": decode_nfe - 1}  # the first token comes from the prefill logits
+  if mode == "diffusion":
+    blocks = kw["max_new_tokens"] // kw["block_length"]  # EOS is off: every block is decoded
+    return {"denoise": decode_nfe - blocks, "commit": blocks}
+  rounds = max(len(a) for a in results[0].accepted_lengths)
+  return {"draft": decode_nfe - rounds, "verify": rounds}
+
+
+def run_jax_case(models: Models, mode: str, batch: int, threshold: float | None,
+                 prompts: np.ndarray, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  kw = mode_kwargs(mode, config, threshold)
+  first = generate(models.jax_model, prompts.tolist(), **kw)
+  for _ in range(config.warmup - 1):
+    generate(models.jax_model, prompts.tolist(), **kw)
+  results, walls = [], []
+  for _ in range(config.repeats):
+    start = time.perf_counter()  # the whole call, as a user sees it (argument handling included)
+    results.append(generate(models.jax_model, prompts.tolist(), **kw))
+    walls.append(time.perf_counter() - start)
+  wall, decode = bu.median(walls), bu.median([r.decode_seconds for r in results])
+  generated = sum(len(t) for t in results[0].tokens)
+  counts = forward_counts(mode, kw, results)
+  forwards = sum(counts.values())
+  row = dict(
+      nfe=max(results[0].nfe), decode_nfe=max(results[0].decode_nfe),
+      tokens_per_forward=float(np.mean(results[0].tokens_per_forward)),
+      generated_tokens=generated, seconds=wall,
+      prefill_ms=1e3 * bu.median([r.prefill_seconds for r in results]), decode_seconds=decode,
+      tokens_per_s=generated / wall, decode_tokens_per_s=generated / decode,
+      forwards=forwards, forwards_per_s=forwards / decode, ms_per_forward=1e3 * decode / forwards,
+      compile_seconds=first.compile_seconds)
+  if mode == "spec":
+    acc = [a for r in results[:1] for row_acc in r.accepted_lengths for a in row_acc]
+    row["mean_accepted"] = float(np.mean(acc)) if acc else float("nan")
+  # The same forwards alone: what the decode would cost with zero engine overhead.
+  prompt_len = prompts.shape[1]
+  out_width = kw["max_new_tokens"] + (kw.get("block_length", 1))
+  shape_tokens = 1 if mode == "ar" else kw["block_length"]
+  shape = bu.ForwardShape(batch, shape_tokens, context=prompt_len + kw["max_new_tokens"] // 2,
+                          cache_len=bucket_length(prompt_len) + out_width)
+  forward_seconds = 0.0
+  for kind in MODE_FORWARDS[mode]:
+    t = bu.median(bu.time_forward(models.jax_model, kind, shape, warmup=2,
+                                  repeats=config.forward_repeats))
+    row[f"ms_{kind}"] = 1e3 * t
+    forward_seconds += counts[kind] * t
+  row["overhead_frac"] = 1.0 - forward_seconds / decode
+  row["peak_mem_mib"], row["peak_mem_kind"] = bu.peak_memory()
+  row["_tokens"], row["_counts"] = results[0].tokens, counts
+  return row
+
+
+# --- one case: PyTorch baseline ---------------------------------------------------------------------
+
+def run_torch_case(models: Models, mode: str, batch: int, threshold: float | None,
+                   prompts: np.ndarray, config: ml_collections.ConfigDict,
+                   counts: dict[str, int], context: int) -> dict[str, Any]:
+  """The same case on the PyTorch side; `counts` and `context` come from the JAX case."""
+  tm, cfg = models.torch_model, models.cfg
+  dev = next(tm.parameters()).device
+  ids = torch.as_tensor(prompts, device=dev)
+  sub = config[mode]
+  if mode == "ar":
+    label = "transformers generate"
+    run = lambda: tref.hf_generate(tm, ids, sub.max_new_tokens)
+  elif mode == "diffusion":
+    label = "torch loop (spec §5.1)"
+    run = lambda: tref.block_diffusion_decode(
+        tm, ids, sub.max_new_tokens, block_length=sub.block_length,
+        mask_token_id=cfg.mask_token_id, threshold=threshold)
+  else:
+    label = "torch loop (spec §5.3)"
+    run = lambda: tref.linear_spec_decode(
+        tm, ids, sub.max_new_tokens, block_length=sub.block_length,
+        mask_token_id=cfg.mask_token_id, threshold=threshold, lora=models.torch_lora)
+  for _ in range(config.warmup):
+    run()
+  results = [run() for _ in range(config.repeats)]
+  wall = bu.median([r.seconds for r in results])
+  generated = int(results[0].tokens.size)
+  row = dict(torch_impl=label, torch_nfe=results[0].nfe, torch_seconds=wall,
+             torch_tokens_per_s=generated / wall)
+  if results[0].prefill_seconds is not None:
+    decode = bu.median([r.decode_seconds for r in results])
+    row["torch_decode_tokens_per_s"] = generated / decode
+  else:
+    decode = None
+  forward_seconds = 0.0
+  tokens = 1 if mode == "ar" else sub.block_length
+  for kind in MODE_FORWARDS[mode]:
+    t = bu.median(tref.time_torch_forward(
+        tm, kind, batch=batch, tokens=tokens, context=context,
+        token_id=cfg.mask_token_id or 0, warmup=2, repeats=config.forward_repeats,
+        lora=models.torch_lora))
+    row[f"torch_ms_{kind}"] = 1e3 * t
+    forward_seconds += counts[kind] * t
+  # transformers generate exposes no prefill/decode split: its overhead is taken over the whole
+  # call, so its prefill counts as overhead there.
+  row["torch_overhead_frac"] = 1.0 - forward_seconds / (decode if decode else wall)
+  row["_tokens"] = results[0].tokens
+  return row
+
+
+def token_agreement(jax_tokens: list[list[int]], torch_tokens: np.ndarray) -> float:
+  """Fraction of positions (over each row's common length) where both chose the same token."""
+  same = total = 0
+  for a, b in zip(jax_tokens, torch_tokens.tolist()):
+    n = min(len(a), len(b))
+    same += sum(x == y for x, y in zip(a[:n], b[:n]))
+    total += n
+  return same / total if total else float("nan")
+
+
+# --- the CPU/GPU comparison section ----------------------------------------------------------------
+
+def comparison_section(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  dtype, torch_dtype, torch_device = frameworks_dtype(config)
+  rows = []
+  rng = np.random.default_rng(config.seed)
+  for name in config.model_order:
+    spec = config.models[name]
+    modes = [m for m in MODES if name in config[m].models]
+    if not modes:
+      continue
+    print(f"[bench] loading {name} ...", flush=True)
+    models = load_models(name, spec, config, dtype, torch_dtype, torch_device,
+                         need_lora="spec" in modes)
+    print(f"[bench] {name}: {models.cfg.param_count() / 1e6:.1f}M parameters", flush=True)
+    for mode in modes:
+      if mode != "ar" and models.cfg.mask_token_id is None:
+        print(f"[bench] {name}: skipping {mode} (an AR model without a mask token)", flush=True)
+        continue
+      thresholds = list(config.diffusion.thresholds) if mode == "diffusion" else [
+          config.spec.threshold if mode == "spec" else None]
+      for batch in config[mode].batch_sizes:
+        for threshold in thresholds:
+          prompts = rng.integers(0, models.cfg.vocab_size, (batch, config.prompt_length))
+          rows.append(run_case(models, mode, batch, threshold, prompts, config))
+    del models
+    gc.collect()
+  return rows
+
+
+def run_case(models: Models, mode: str, batch: int, threshold: float | None,
+             prompts: np.ndarray, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  sub = config[mode]
+  print(f"[bench] {models.name} {mode} batch={batch} threshold={threshold} ...", flush=True)
+  row = dict(model=models.name, params_m=models.cfg.param_count() / 1e6, mode=mode, batch=batch,
+             prompt_length=int(prompts.shape[1]), max_new_tokens=sub.max_new_tokens,
+             block_length=sub.get("block_length"), threshold=threshold,
+             draft_lora=models.lora is not None if mode == "spec" else None)
+  row.update(run_jax_case(models, mode, batch, threshold, prompts, config))
+  jax_tokens, counts = row.pop("_tokens"), row.pop("_counts")
+  if models.torch_model is not None and not (mode == "spec" and batch > 1):
+    context = int(prompts.shape[1]) + sub.max_new_tokens // 2
+    t = run_torch_case(models, mode, batch, threshold, prompts, config, counts, context)
+    row["token_agreement"] = token_agreement(jax_tokens, t.pop("_tokens"))
+    row.update(t)
+    row["speedup_vs_torch"] = row["tokens_per_s"] / row["torch_tokens_per_s"]
+    if "torch_decode_tokens_per_s" in row:
+      row["decode_speedup_vs_torch"] = (row["decode_tokens_per_s"]
+                                        / row["torch_decode_tokens_per_s"])
+  torch_part = (f", torch {row['torch_tokens_per_s']:.1f} tok/s"
+                if "torch_tokens_per_s" in row else "")
+  print(f"[bench]   -> {row['tokens_per_s']:.1f} tok/s, NFE {row['nfe']}, "
+        f"overhead {row['overhead_frac']:.1%}{torch_part}", flush=True)
+  return row
+
+
+def frameworks_dtype(config: ml_collections.ConfigDict):
+  """(jax dtype, torch dtype, torch device): fp32 on CPU (no fast bf16 matmul), bf16 on GPU."""
+  on_gpu = jax.default_backend() == "gpu"
+  name = config.dtype if config.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"--config.dtype={config.dtype!r}: expected auto, float32 or bfloat16")
+  device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+  return jnp.dtype(name), getattr(torch, name), device
+
+
+# --- the hardware (roofline) section ------------------------------------------------------------------
+
+def roofline_section(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Per-forward times of NLD shapes vs (weight + KV bytes) / measured copy bandwidth, and vs
+  transformers on the same device."""
+  rc = config.roofline
+  backend = jax.default_backend()
+  if backend != "gpu" and not rc.allow_cpu:
+    msg = (f"--gpu_shapes: skipped, JAX backend is {backend!r} (this section needs a CUDA GPU; "
+           "install the [gpu] extra on a GPU machine)")
+    print(f"[bench] {msg}", flush=True)
+    return {"skipped": msg, "rows": []}
+  dtype = jnp.dtype(rc.dtype)
+  bandwidth = bu.copy_bandwidth(rc.copy_mib * 2**20, repeats=rc.repeats, dtype=dtype)
+  print(f"[bench] device copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+  torch_device = "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
+  rows = []
+  for name in rc.presets:
+    cfg = preset(name).replace(**dict(rc.get("overrides", {})))
+    if config.attention_impl:
+      cfg = cfg.replace(attention_impl=config.attention_impl)
+    print(f"[bench] roofline {name}: random {rc.dtype} weights ...", flush=True)
+    shapes = [(b, kind, 1 if kind == "ar" else rc.block_length)
+              for b in rc.batch_sizes for kind in ("ar", "denoise", "commit")]
+    model = NLDModel(cfg, dtype=dtype, rngs=nnx.Rngs(config.seed))  # the model's own random init
+    by_key = {}
+    for batch, kind, tokens in shapes:
+      shape = bu.ForwardShape(batch, tokens, rc.context, rc.context + rc.block_length)
+      t = bu.median(bu.time_forward(model, kind, shape, warmup=2, repeats=rc.repeats))
+      need = bu.bytes_per_forward(cfg, shape, dtype)
+      roof = (need["weight_bytes"] + need["kv_bytes"]) / bandwidth
+      row = dict(model=name, batch=batch, forward=kind, tokens=tokens, context=rc.context,
+                 ms=1e3 * t, roofline_ms=1e3 * roof, vs_roofline=t / roof,
+                 achieved_gb_s=(need["weight_bytes"] + need["kv_bytes"]) / t / 1e9, **need)
+      by_key[(batch, kind)] = row
+      rows.append(row)
+    mem = bu.peak_memory()
+    del model
+    gc.collect()
+    if rc.torch:
+      tm = tref.random_torch_model(cfg, dtype=getattr(torch, rc.dtype), device=torch_device)
+      for batch, kind, tokens in shapes:
+        t = bu.median(tref.time_torch_forward(
+            tm, kind, batch=batch, tokens=tokens, context=rc.context,
+            token_id=cfg.mask_token_id or 0, warmup=2, repeats=rc.repeats))
+        row = by_key[(batch, kind)]
+        row.update(torch_ms=1e3 * t, torch_vs_roofline=t / (row["roofline_ms"] / 1e3),
+                   speedup_vs_torch=t / (row["ms"] / 1e3))
+      del tm
+      gc.collect()
+      if torch_device == "cuda":
+        torch.cuda.empty_cache()
+    for row in rows:
+      if row["model"] == name:
+        row["peak_mem_mib"], row["peak_mem_kind"] = mem
+  return {"copy_bandwidth_gb_s": bandwidth / 1e9, "dtype": rc.dtype, "rows": rows}
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+_COMMON_LEFT = [("model", "model"), ("batch", "batch"), ("max_new_tokens", "new")]
+_COMMON_RIGHT = [("nfe", "NFE"), ("tokens_per_forward", "tok/fwd"),
+                 ("forwards_per_s", "fwd/s"), ("overhead_frac", "overhead"),
+                 ("tokens_per_s", "out tok/s"), ("compile_seconds", "compile s"),
+                 ("peak_mem_mib", "peak MiB"), ("torch_tokens_per_s", "torch tok/s"),
+                 ("speedup_vs_torch", "speedup"), ("torch_overhead_frac", "torch overhead"),
+                 ("token_agreement", "same tokens")]
+TABLE_COLUMNS = {
+    "ar": _COMMON_LEFT + [("ms_ar", "ms/step")] + _COMMON_RIGHT,
+    "diffusion": _COMMON_LEFT + [("block_length", "B"), ("threshold", "τ"),
+                                 ("ms_denoise", "ms/denoise"), ("ms_commit", "ms/commit"),
+                                 ("torch_ms_denoise", "torch ms/denoise")] + _COMMON_RIGHT,
+    "spec": _COMMON_LEFT + [("block_length", "B"), ("mean_accepted", "accepted"),
+                            ("ms_draft", "ms/draft"), ("ms_verify", "ms/verify"),
+                            ("torch_ms_verify", "torch ms/verify")] + _COMMON_RIGHT,
+}
+ROOFLINE_COLUMNS = [("model", "model"), ("batch", "batch"), ("forward", "forward"),
+                    ("tokens", "tokens"), ("context", "context"), ("ms", "ms"),
+                    ("roofline_ms", "roofline ms"), ("vs_roofline", "× roofline"),
+                    ("achieved_gb_s", "GB/s"), ("torch_ms", "torch ms"),
+                    ("torch_vs_roofline", "torch × roofline"), ("speedup_vs_torch", "speedup")]
+
+
+def render(report: dict[str, Any]) -> str:
+  env = report["environment"]
+  lines = [f"# dllm_jax decoding benchmark ({env['date_utc']} UTC)",
+           f"device: {env['device']} ({env['jax_backend']}), cpu: {env['cpu']}, "
+           f"threads: jax {env['cpu_threads']} / torch {report['torch_threads']}, "
+           f"dtype: {report['dtype']}, load average (1 min) at start / end: "
+           f"{env['load_average_1m']:.1f} / {env.get('load_average_1m_end', float('nan')):.1f}",
+           "versions: " + ", ".join(f"{p} {env[p]}" for p in
+                                    ("python", "jax", "jaxlib", "flax", "torch", "transformers")),
+           f"command: {report['command']}"]
+  for mode in MODES:
+    rows = [r for r in report["cases"] if r["mode"] == mode]
+    if rows:
+      lines += ["", f"## {mode}", "", bu.format_table(rows, TABLE_COLUMNS[mode])]
+  roof = report.get("roofline")
+  if roof is not None:
+    lines += ["", "## forwards vs bandwidth roofline", ""]
+    if roof.get("skipped"):
+      lines.append(roof["skipped"])
+    else:
+      lines += [f"copy bandwidth: {roof['copy_bandwidth_gb_s']:.1f} GB/s, dtype {roof['dtype']}",
+                "", bu.format_table(roof["rows"], ROOFLINE_COLUMNS)]
+  return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, *, gpu_shapes: bool = False,
+        command: str = "") -> dict[str, Any]:
+  """Runs the configured benchmark and returns the report (JSON-serialisable)."""
+  threads = config.threads or bu.cpu_threads()
+  torch.set_num_threads(threads)  # the same thread count as XLA:CPU's pool, for a fair CPU race
+  dtype, _, _ = frameworks_dtype(config)
+  report = {"environment": bu.environment(), "torch_threads": torch.get_num_threads(),
+            "dtype": str(dtype), "command": command, "config": config.to_dict(),
+            "cases": comparison_section(config)}
+  if gpu_shapes:
+    report["roofline"] = roofline_section(config)
+  report["environment"]["load_average_1m_end"] = os.getloadavg()[0]
+  return report
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a script, so importing this file is inert)."""
+  return (
+      config_flags.DEFINE_config_file(
+          "config", os.path.join(_REPO, "configs", "bench_cpu.py"), "benchmark configuration file"),
+      flags.DEFINE_string("json", None, "also write the full report (all fields) to this path"),
+      flags.DEFINE_bool("gpu_shapes", False,
+                        "add the per-forward roofline section for NLD 3B/8B shapes (GPU only)"))
+
+
+def main(argv: list[str], config_flag, json_flag, gpu_flag) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  command = "python " + " ".join(sys.argv)
+  report = run(config_flag.value, gpu_shapes=gpu_flag.value, command=command)
+  print(render(report))
+  if json_flag.value:
+    write_json(report, json_flag.value)
+    print(f"\n[bench] wrote {json_flag.value}")
+
+
+def _plain(x: Any) -> Any:
+  """JSON-safe values: numpy scalars to Python, NaN to null."""
+  if isinstance(x, dict):
+    return {k: _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, float) and x != x:
+    return None
+  return x
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+  """Writes via a temporary file, so a failed run never leaves a truncated report behind."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(_plain(report), f, indent=1)
+  os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+  _flags = define_flags()
+  app.run(lambda argv: main(argv, *_flags))

@@ -1,0 +1,56 @@
+"""Converts an HF NLD (or Llama-family) directory into an orbax directory that loads onto any mesh.
+
+  python scripts/convert_checkpoint.py --hf=Nemotron-Labs-Diffusion-8B --out=nld-8b-orbax
+  python -c "from dllm_jax.checkpoint import load_pretrained; load_pretrained('nld-8b-orbax')"
+
+Tensors stream one at a time from the safetensors files (progress bar per tensor) into the params,
+which orbax then writes. The output appears only when complete; bad input exits with code 2 and a
+one-line message, leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+import sys
+import time
+
+import jax.numpy as jnp
+
+from dllm_jax.checkpoint import CheckpointError, load_pretrained, save_converted
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
+  p.add_argument("--out", required=True, help="output directory (must not exist)")
+  p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
+                 help="stored parameter dtype (the draft LoRA always stays float32)")
+  p.add_argument("--no-lora", action="store_true", help="skip linear_spec_lora/ even if present")
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  if Path(args.out).exists():  # fail before the (long) load, not after it
+    print(f"error: {args.out}: already exists (remove it first)", file=sys.stderr)
+    return 2
+  t0 = time.perf_counter()
+  try:
+    pre = load_pretrained(args.hf, dtype=DTYPES[args.dtype], lora=not args.no_lora, progress=True)
+    t1 = time.perf_counter()
+    out = save_converted(pre, args.out)
+  except CheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  t2 = time.perf_counter()
+  lora = f", draft LoRA r={pre.lora.rank} alpha={pre.lora.alpha:g}" if pre.lora else ""
+  print(f"wrote {out} ({pre.config.param_count() / 1e9:.3f} B params, {args.dtype}{lora}); "
+        f"load {t1 - t0:.1f} s, save {t2 - t1:.1f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,33 @@
+"""Fine-tune an NLD model (joint AR + diffusion objective, or the draft LoRA) from a config file.
+
+python scripts/train.py --config=configs/train_tiny.py --config.data.path=data.jsonl \
+    --config.data.tokenizer=/path/to/tokenizer_dir [--config.checkpoint.dir=/tmp/run]
+
+Logs loss, the unweighted diffusion / AR cross-entropies, learning rate, gradient norm and
+throughput (data tokens/s); re-running with the same checkpoint.dir resumes where the run stopped.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from dllm_jax.training.run import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/train_*.py).", lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+  config = _CONFIG.value
+  if not config.data.path:
+    raise app.UsageError("--config.data.path is required (a jsonl file of chat or text examples)")
+  train(config, log=lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)

@@ -1,0 +1,249 @@
+"""Plain-Python transcriptions of the reference decoding loops (spec §5.1-5.3), batch size 1.
+
+Written from the spec loop by loop, with Python lists and numpy; the only shared pieces with the
+engine are the model forward and the definition of the random noise (the same draws must be used
+to compare sampled outputs). Forward calls are jitted for speed but issued one by one, exactly
+where the reference issues them, each with its own cache update or crop.
+
+Sampling: greedy = argmax; with temperature T the reference's float64 Gumbel-max
+argmax exp(l) / (-log u)^T (spec §5.1), also used for the `multinomial` draws of §5.2/§5.3, with
+u = uniform(fold_in(fold_in(PRNGKey(seed), event), row 0)) and the event numbers of the engine's
+documented sampling order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dllm_jax import LoRAConfig, NLDModel, preset
+from dllm_jax.kv_cache import KVCache
+from dllm_jax.model import forward
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "lora"))
+def _call(graphdef, state, tokens, cache, n_new, *, mode, lora=False):
+  return forward(graphdef, state, tokens, mode=mode, cache=cache, n_new=n_new, lora=lora)
+
+
+class Eager:
+  """One model forward per call on one sequence: token list -> (logits [T, V] numpy, cache)."""
+
+  def __init__(self, model: NLDModel):
+    self.graphdef, self.state = nnx.split(model)
+    self.cfg = model.cfg
+
+  def __call__(self, tokens, cache, *, mode, lora=False):
+    logits, cache = _call(self.graphdef, self.state, jnp.asarray([tokens], jnp.int32), cache,
+                          None, mode=mode, lora=lora)
+    return np.asarray(logits[0]), cache
+
+  def prefill(self, prompt, cache, pad_to):
+    """Causal prefill of the prompt right-padded to `pad_to` tokens (only the prompt is appended).
+
+    Padding changes no value the prompt tokens see, but it gives the prefill the same shape as
+    the engine's bucketed one, so that both run the same float operations: the confidences of
+    MASK positions differ by ~1e-6 from one another, and shape-dependent rounding could otherwise
+    reorder them.
+    """
+    tokens = jnp.asarray([list(prompt) + [0] * (pad_to - len(prompt))], jnp.int32)
+    logits, cache = _call(self.graphdef, self.state, tokens, cache,
+                          jnp.asarray([len(prompt)], jnp.int32), mode="causal")
+    return np.asarray(logits[0, :len(prompt)]), cache
+
+
+def sample(logits: np.ndarray, temperature: float, seed: int, event: int) -> list[int]:
+  """logits [T, V] -> T token ids."""
+  if temperature == 0:
+    return [int(t) for t in np.argmax(logits, axis=-1)]
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), event), 0)
+  u = np.asarray(jax.random.uniform(key, logits.shape, jnp.float32,
+                                    minval=np.finfo(np.float32).tiny, maxval=1.0), np.float64)
+  scores = np.exp(logits.astype(np.float64)) / (-np.log(u)) ** temperature
+  return [int(t) for t in np.argmax(scores, axis=-1)]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  """Softmax in the logits dtype (fp32 here), as the reference's confidence."""
+  return np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+
+
+def first_index(xs: list[int], value: int) -> int | None:
+  return xs.index(value) if value in xs else None
+
+
+def block_diffusion(model: Eager, prompt, *, max_new_tokens, block_length, threshold, temperature,
+                    seed, eos, max_thinking_tokens, end_think, cache_len, pad_to, mask_id):
+  """spec §5.1 with causal_context=True. Returns (generated ids, nfe)."""
+  size, p_len = block_length, len(prompt)
+  cache = KVCache.init(model.cfg, 1, cache_len)
+  logits, cache = model.prefill(prompt, cache, pad_to)
+  seed_tok = sample(logits[-1:], temperature, seed, 0)[0]
+  x, nfe = list(prompt), 0
+  for k in range(max_new_tokens // size):
+    start = p_len + k * size
+    x += [seed_tok] + [mask_id] * (size - 1)
+    if end_think is not None and max_thinking_tokens is not None:
+      if (k + 1) * size > max_thinking_tokens and end_think not in x[p_len:start]:
+        x[start + max(0, max_thinking_tokens - k * size)] = end_think
+    m = x[start:start + size].count(mask_id)
+    schedule = [m // size + (1 if i < m % size else 0) for i in range(size)]
+    for i in range(size):
+      block = x[start:start + size]
+      is_mask = [t == mask_id for t in block]
+      if not any(is_mask):
+        break
+      nfe += 1
+      logits, _ = model(block, cache, mode="diffusion")
+      cand = sample(logits, temperature, seed, 1 + k * (size + 1) + i)
+      p = softmax(logits)
+      conf = np.array([p[t, cand[t]] if is_mask[t] else -np.inf for t in range(size)], p.dtype)
+      order = [int(j) for j in np.argsort(-conf, kind="stable")]  # ties: lower position first
+      if threshold is None:
+        chosen = order[:schedule[i]]
+      else:
+        n_masked = sum(is_mask)
+        chosen = [order[0]] + [j for j in order[1:n_masked] if conf[j] >= np.float32(threshold)]
+      for j in chosen:
+        if is_mask[j]:
+          x[start + j] = cand[j]
+      if eos is not None:
+        block = x[start:start + size]
+        first = first_index(block, eos)
+        if first is not None and mask_id not in block[:first]:
+          break
+    logits, cache = model(x[start:start + size], cache, mode="causal")
+    nfe += 1
+    seed_tok = sample(logits[-1:], temperature, seed, 1 + k * (size + 1) + size)[0]
+    if eos is not None and eos in x[p_len:]:
+      return x[p_len:p_len + first_index(x[p_len:], eos) + 1], nfe
+  return x[p_len:], nfe
+
+
+def autoregressive(model: Eager, prompt, *, max_new_tokens, temperature, seed, eos,
+                   max_thinking_tokens, end_think, cache_len, pad_to):
+  """spec §5.2. Returns (generated ids, nfe)."""
+  cache = KVCache.init(model.cfg, 1, cache_len)
+  logits, cache = model.prefill(prompt, cache, pad_to)
+  logit = logits[-1:]
+  generated, nfe = [], 0
+  for step in range(max_new_tokens):
+    nfe += 1
+    tok = sample(logit, temperature, seed, step)[0]
+    if end_think is not None and max_thinking_tokens is not None:
+      if step >= max_thinking_tokens and end_think not in generated:
+        tok = end_think
+    generated.append(tok)
+    if eos is not None and tok == eos:
+      break
+    if step < max_new_tokens - 1:
+      logits, cache = model([tok], cache, mode="causal")
+      logit = logits[-1:]
+  return generated, nfe
+
+
+def self_speculation(model: Eager, prompt, *, max_new_tokens, block_length, threshold,
+                     temperature, seed, eos, max_thinking_tokens, end_think, cache_len, pad_to,
+                     mask_id, lora):
+  """spec §5.3. Returns (generated ids, nfe, acceptance lengths).
+
+  Two documented deviations of the engine are transcribed: the draft loop stops after B forwards,
+  and a forced end-think seed replaces the bonus token it follows in the output.
+  """
+  size = block_length
+  cache = KVCache.init(model.cfg, 1, cache_len)
+  logits, cache = model.prefill(prompt, cache, pad_to)
+  nfe = 1
+  tok = sample(logits[-1:], temperature, seed, 0)[0]
+  if eos is not None and tok == eos:
+    return [tok], nfe, []
+  generated, total, rnd, accepted_lengths = [tok], 1, 0, []
+  while total < max_new_tokens:
+    c = int(cache.lengths[0])
+    block = [tok] + [mask_id] * (size - 1)
+    j = 0
+    # The seed (position 0) is the verifier's token and never a draft slot, even if it equals the
+    # mask id: the one place where this transcription deliberately departs from the reference.
+    while mask_id in block[1:] and j < size:
+      is_mask = [i > 0 and t == mask_id for i, t in enumerate(block)]
+      logits, _ = model(block, cache, mode="diffusion", lora=lora)
+      nfe += 1
+      cand = sample(logits, temperature, seed, 1 + rnd * (size + 1) + j)
+      j += 1
+      if threshold > 0:
+        probs = softmax(logits / np.float32(temperature) if temperature > 0 else logits)
+        conf = np.array([probs[t, cand[t]] if is_mask[t] else -np.inf for t in range(size)],
+                        probs.dtype)
+        unmask = [bool(is_mask[t] and conf[t] >= np.float32(threshold)) for t in range(size)]
+        if not any(unmask):
+          unmask[int(np.argmax(conf))] = True
+        block = [cand[t] if unmask[t] else block[t] for t in range(size)]
+      else:
+        block = [cand[t] if is_mask[t] else block[t] for t in range(size)]
+        break
+    logits, cache = model(block, cache, mode="causal")
+    nfe += 1
+    ar = sample(logits, temperature, seed, 1 + rnd * (size + 1) + size)
+    a = 0
+    while a < size - 1 and ar[a] == block[a + 1]:
+      a += 1
+    accepted = a + 1
+    accepted_lengths.append(accepted)
+    emitted = ar[:accepted]
+    generated += emitted
+    total += accepted
+    cache = cache.crop(jnp.asarray([c + accepted]))
+    tok = ar[accepted - 1]
+    if eos is not None and eos in emitted:
+      cut = len(emitted) - (emitted.index(eos) + 1)
+      generated = generated[:len(generated) - cut]
+      total -= cut
+      break
+    if end_think is not None and max_thinking_tokens is not None:
+      # The forced seed matters (and replaces the bonus token) only if another round follows.
+      if max_thinking_tokens < total < max_new_tokens and end_think not in generated:
+        tok = end_think
+        generated[-1] = end_think
+    rnd += 1
+    if total >= max_new_tokens:
+      break
+  return generated, nfe, accepted_lengths
+
+
+def structured_model(seed: int = 0, lora: bool = True) -> NLDModel:
+  """The `tiny` model with structure, so that decoding is not degenerate.
+
+  Random weights alone almost never let a diffusion draft agree with the causal verifier nor lift
+  confidences over 0.9. Here every embedding row (MASK included) shares one direction c, the
+  context-specific part is shrunk, and four output tokens {7, 22, 41, 63} read c strongly and
+  separate from one another along random directions orthogonal to c: the model mostly emits one
+  of them, confidently, with the choice depending on context.
+  """
+  cfg = preset("tiny")
+  model = NLDModel(cfg, lora=LoRAConfig(4, 8) if lora else None, rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  d = cfg.hidden_size
+  c = rng.normal(size=d)
+  c /= np.linalg.norm(c)
+  emb = np.asarray(model.encoder.embed_tokens.embedding[...])
+  model.encoder.embed_tokens.embedding[...] = jnp.asarray(
+      0.3 * emb + c * np.sqrt(d) * emb.std(), jnp.float32)
+  head = np.array(model.diffusion_head.kernel[...])
+  favoured = [7, 22, 41, 63]
+  spread = rng.normal(size=(d, len(favoured)))
+  spread -= np.outer(c, c @ spread)
+  spread /= np.linalg.norm(spread, axis=0)
+  head[:, favoured] = 3.0 * c[:, None] + 5.0 * spread
+  model.diffusion_head.kernel[...] = jnp.asarray(head, jnp.float32)
+  if lora:
+    # Every rank of the adapter writes along the direction that separates token 41 from 63, so
+    # drafts with the LoRA differ from drafts without it (the untrained adapter is the identity).
+    toward = head[:, 41] - head[:, 63]
+    attn = model.encoder.layers.self_attn
+    attn.o_lora_b[...] = jnp.broadcast_to(
+        jnp.asarray(1.0 * toward / np.linalg.norm(toward), jnp.float32), attn.o_lora_b[...].shape)
+  return model

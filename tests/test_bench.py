@@ -1,0 +1,188 @@
+"""The benchmark harness: its PyTorch baselines decode as spec §5 says, and a smoke run reports.
+
+Timings are never asserted: only that the harness runs and that its report has every field.
+"""
+
+import importlib.util
+import json
+import pathlib
+import runpy
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from dllm_jax.config import preset
+
+from conftest import make_torch_ministral
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MASK = 100
+
+
+def _load_script(name):
+  path = ROOT / "scripts" / f"{name}.py"
+  sys.path.insert(0, str(path.parent))
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses resolve their module by name
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def tref():
+  return _load_script("torch_reference_decode")
+
+
+@pytest.fixture(scope="module")
+def bench():
+  return _load_script("bench")
+
+
+@pytest.fixture(scope="module")
+def tiny_torch():
+  model = make_torch_ministral(vocab=160, hidden=48, heads=4, kv_heads=2, head_dim=16, seed=3)
+  # Sharper logits than the random init gives, so that confidence thresholds commit some
+  # positions and not others (mixed step counts).
+  with torch.no_grad():
+    model.lm_head.weight.mul_(30.0)
+  return model
+
+
+def _greedy(model, prompt, n):
+  with torch.no_grad():
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                         max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+  return out[:, prompt.shape[1]:].numpy()
+
+
+def test_ar_loop_equals_transformers_generate(tref, tiny_torch):
+  prompt = torch.tensor(np.random.default_rng(0).integers(0, 160, (2, 9)))
+  res = tref.ar_decode(tiny_torch, prompt, 24)
+  np.testing.assert_array_equal(res.tokens, _greedy(tiny_torch, prompt, 24))
+  assert res.nfe == 24 and res.forwards == 24  # prefill + 23 steps; the last token needs none
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_spec_loop_equals_greedy_ar(tref, tiny_torch, threshold, with_lora):
+  """Spec §5.3: with T = 0 the output is greedy AR decoding, whatever the draft proposes."""
+  prompt = torch.tensor(np.random.default_rng(1).integers(0, 160, (1, 7)))
+  lora = None
+  if with_lora:
+    rng = np.random.default_rng(2)
+    lora = tref.TorchLoRA.from_numpy(tiny_torch,
+                                     0.3 * rng.standard_normal((2, 64, 4), dtype=np.float32),
+                                     0.3 * rng.standard_normal((2, 4, 48), dtype=np.float32), 4.0)
+  res = tref.linear_spec_decode(tiny_torch, prompt, 30, block_length=8, mask_token_id=MASK,
+                                threshold=threshold, lora=lora)
+  n = res.tokens.shape[1]
+  assert 30 <= n < 30 + 8
+  np.testing.assert_array_equal(res.tokens, _greedy(tiny_torch, prompt, n))
+
+
+def _naive_block_diffusion(model, prompt, n_new, block, threshold):
+  """Spec §5.1 without a cache: every forward reruns the whole sequence with a 4-D mask that is
+  causal over the prefix and fully visible inside the current block."""
+  seq = prompt.clone()
+  with torch.no_grad():
+    seed = model(seq).logits[:, -1].argmax(-1)
+  nfe, out = 0, []
+  for _ in range(n_new // block):
+    x = torch.full((seq.shape[0], block), MASK)
+    x[:, 0] = seed
+    base, rem = divmod(block - 1, block)  # B-1 MASKs over B steps
+    for step in range(block):
+      masked = x == MASK
+      if not masked.any():
+        break
+      nfe += 1
+      full = torch.cat([seq, x], 1)
+      total, p = full.shape[1], seq.shape[1]
+      allowed = torch.tril(torch.ones(total, total, dtype=torch.bool))
+      allowed[p:, :] = True
+      with torch.no_grad():
+        logits = model(full, attention_mask=allowed.expand(full.shape[0], 1, total, total)).logits
+      logits = logits[:, p:]
+      cand = logits.argmax(-1)
+      conf = torch.softmax(logits, -1).gather(-1, cand[..., None])[..., 0]
+      for r in range(x.shape[0]):
+        ranked = sorted((i for i in range(block) if masked[r, i]), key=lambda i: -float(conf[r, i]))
+        if threshold is None:
+          picks = ranked[:base + (1 if step < rem else 0)]
+        else:
+          picks = ranked[:1] + [i for i in ranked[1:] if conf[r, i] >= threshold]
+        for i in picks:
+          x[r, i] = cand[r, i]
+    nfe += 1
+    seq = torch.cat([seq, x], 1)
+    with torch.no_grad():
+      seed = model(seq).logits[:, -1].argmax(-1)
+    out.append(x)
+  return torch.cat(out, 1).numpy(), nfe
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_block_diffusion_loop_against_cacheless_transcription(tref, tiny_torch, threshold):
+  prompt = torch.tensor(np.random.default_rng(4).integers(0, 160, (2, 6)))
+  want, want_nfe = _naive_block_diffusion(tiny_torch, prompt, 16, 8, threshold)
+  got = tref.block_diffusion_decode(tiny_torch, prompt, 16, block_length=8, mask_token_id=MASK,
+                                    threshold=threshold)
+  np.testing.assert_array_equal(got.tokens, want)
+  assert got.nfe == want_nfe
+
+
+def test_transfer_schedule_matches_spec_example(tref):
+  assert tref.transfer_schedule(31, 32) == [1] * 31 + [0]
+  assert tref.transfer_schedule(10, 4) == [3, 3, 2, 2]
+
+
+def test_torch_model_holds_the_given_weights(tref):
+  from dllm_jax import bench_utils  # pylint: disable=g-import-not-at-top
+  cfg = preset("tiny")
+  tensors = bench_utils.random_llama_tensors(cfg, seed=0)
+  model = tref.torch_model(cfg, tensors)
+  for name, value in model.state_dict().items():
+    np.testing.assert_array_equal(value.numpy(), tensors[name], err_msg=name)
+
+
+ROW_FIELDS = {"model", "mode", "batch", "nfe", "tokens_per_forward", "forwards_per_s",
+              "tokens_per_s", "compile_seconds", "peak_mem_mib", "overhead_frac",
+              "torch_tokens_per_s", "speedup_vs_torch", "token_agreement"}
+MODE_FIELDS = {"ar": {"ms_ar"}, "diffusion": {"ms_denoise", "ms_commit"},
+               "spec": {"ms_draft", "ms_verify", "mean_accepted"}}
+ROOFLINE_FIELDS = {"ms", "roofline_ms", "vs_roofline", "weight_bytes", "kv_bytes", "torch_ms",
+                   "speedup_vs_torch"}
+
+
+def test_smoke_run_reports_every_mode(bench, tmp_path):
+  config = runpy.run_path(str(ROOT / "configs" / "bench_smoke.py"))["get_config"]()
+  report = bench.run(config, gpu_shapes=True, command="pytest")
+  assert {r["mode"] for r in report["cases"]} == {"ar", "diffusion", "spec"}
+  for row in report["cases"]:
+    assert ROW_FIELDS | MODE_FIELDS[row["mode"]] <= set(row), row["mode"]
+  roof = report["roofline"]
+  assert roof["rows"] and all(ROOFLINE_FIELDS <= set(r) for r in roof["rows"])
+  assert {"date_utc", "device", "jax", "torch", "cpu_threads"} <= set(report["environment"])
+
+  text = bench.render(report)
+  for heading in ("## ar", "## diffusion", "## spec", "## forwards vs bandwidth roofline"):
+    assert heading in text
+  assert "out tok/s" in text and "speedup" in text
+
+  path = tmp_path / "bench.json"
+  bench.write_json(report, str(path))
+  loaded = json.loads(path.read_text())
+  assert len(loaded["cases"]) == len(report["cases"])
+  assert not (tmp_path / "bench.json.tmp").exists()
+
+
+def test_gpu_section_skips_without_gpu(bench):
+  if jax.default_backend() == "gpu":
+    pytest.skip("a GPU is present: the section would run")
+  config = runpy.run_path(str(ROOT / "configs" / "bench_cpu.py"))["get_config"]()
+  section = bench.roofline_section(config)
+  assert section["rows"] == [] and "needs a CUDA GPU" in section["skipped"]

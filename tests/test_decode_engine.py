@@ -1,0 +1,149 @@
+"""Engine properties beyond the reference: batching, speculation == greedy AR, no recompilation,
+streaming, argument errors, and the commit rules in bf16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import decode_reference as ref
+from dllm_jax.decode import generate
+from dllm_jax.decode.sampling import select_threshold, transfer_schedule
+
+N, EOS = 32, 63
+# Mixed lengths in one bucket (16); with EOS the rows finish at different times.
+BATCH = ([5, 9, 20, 33, 41], [60, 2, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17])
+
+
+@pytest.fixture(scope="module")
+def model():
+  return ref.structured_model()
+
+
+@pytest.mark.parametrize("mode,block_length,threshold", [
+    ("ar", 8, None), ("diffusion", 4, 0.9), ("diffusion", 4, None), ("spec", 8, 0.0)])
+def test_batched_rows_equal_rows_alone(model, mode, block_length, threshold):
+  kw = dict(mode=mode, max_new_tokens=N, block_length=block_length, threshold=threshold,
+            eos_token_ids=EOS)
+  batched = generate(model, BATCH, **kw)
+  alone = [generate(model, [p], **kw) for p in BATCH]
+  for b, single in enumerate(alone):
+    assert batched.tokens[b] == single.tokens[0], b
+    assert batched.nfe[b] == single.nfe[0], b
+  lengths = {len(t) for t in batched.tokens}
+  assert len(lengths) > 1 and min(lengths) < N  # rows did finish at different times
+
+
+def _same_as_greedy(spec_tokens, ar_tokens):
+  """Speculation emits the greedy AR sequence; it may overshoot max_new_tokens by up to B - 1
+  tokens (spec §5.3), never past an EOS."""
+  if ar_tokens[-1] == EOS:
+    return spec_tokens == ar_tokens
+  return spec_tokens[:len(ar_tokens)] == ar_tokens and len(spec_tokens) < N + 8
+
+
+@pytest.mark.parametrize("draft_lora", [False, True])
+def test_greedy_speculation_emits_greedy_autoregressive_output(model, draft_lora):
+  prompts = BATCH
+  kw = dict(mode="spec", max_new_tokens=N, block_length=8, draft_lora=draft_lora,
+            eos_token_ids=EOS)
+  want = generate(model, prompts, mode="ar", max_new_tokens=N, eos_token_ids=EOS).tokens
+  for b, prompt in enumerate(prompts):
+    assert _same_as_greedy(generate(model, [prompt], **kw).tokens[0], want[b]), b
+  got = generate(model, prompts, **kw)
+  for b, tokens in enumerate(got.tokens):
+    assert _same_as_greedy(tokens, want[b]), b
+  assert max(max(a) for a in got.accepted_lengths) > 1  # rows accepted several drafts per round
+  assert len({tuple(a) for a in got.accepted_lengths}) > 1  # and different lengths per row
+
+
+def test_speculation_stays_greedy_when_the_seed_is_the_mask_id():
+  # A favoured output token doubles as the mask id: the verifier then emits it as a seed.
+  model = ref.structured_model()
+  model.cfg = model.cfg.replace(mask_token_id=41)
+  want = generate(model, BATCH, mode="ar", max_new_tokens=N, eos_token_ids=()).tokens
+  assert all(41 in row[:-1] for row in want)
+  got = generate(model, BATCH, mode="spec", max_new_tokens=N, block_length=8, eos_token_ids=())
+  for b, tokens in enumerate(got.tokens):  # no EOS: speculation may overshoot by up to B - 1
+    assert tokens[:N] == want[b] and len(tokens) < N + 8, b
+
+
+def test_lora_changes_the_draft(model):
+  kw = dict(mode="spec", max_new_tokens=N, block_length=8, eos_token_ids=())
+  with_lora = generate(model, BATCH, draft_lora=True, **kw)
+  without = generate(model, BATCH, draft_lora=False, **kw)
+  assert with_lora.accepted_lengths != without.accepted_lengths
+
+
+def test_no_recompilation_for_a_new_batch_in_the_same_bucket(model):
+  compiles = []
+
+  def listen(event, duration, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
+
+  kw = dict(mode="diffusion", max_new_tokens=N, block_length=4, eos_token_ids=EOS)
+  generate(model, BATCH, **kw)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    second = generate(model, [[9, 8, 7, 6, 5, 4, 3, 2, 1, 12, 13], [30, 31], [40]],
+                      threshold=None, seed=1, **kw)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert compiles == []
+  assert second.compile_seconds == 0.0
+
+
+@pytest.mark.parametrize("mode,block_length,eos", [("diffusion", 4, EOS), ("spec", 8, ())])
+def test_streaming_delivers_the_same_tokens(model, mode, block_length, eos):
+  received = {}
+  kw = dict(mode=mode, max_new_tokens=N, block_length=block_length, eos_token_ids=eos)
+  prompts = BATCH
+  def on_tokens(row, ids):
+    received.setdefault(row, []).append(ids)
+
+  streamed = generate(model, prompts, on_tokens=on_tokens, **kw)
+  compiled = generate(model, prompts, **kw)
+  assert streamed.tokens == compiled.tokens and streamed.nfe == compiled.nfe
+  for b, tokens in enumerate(compiled.tokens):
+    assert sum(received[b], []) == tokens
+  # whole blocks / accepted runs arrive in one call
+  assert any(len(chunk) > 1 for chunks in received.values() for chunk in chunks)
+
+
+def test_argument_errors(model):
+  no_lora = ref.structured_model(lora=False)
+  cases = [
+      (dict(mode="beam"), "mode"),
+      (dict(mode="diffusion", max_new_tokens=30, block_length=8), "multiple of block_length"),
+      (dict(block_length=0), "block_length"),
+      (dict(mode="ar", max_new_tokens=2000), "max_position_embeddings"),
+      (dict(mode="diffusion", causal_context=False), "causal_context"),
+  ]
+  for kw, words in cases:
+    with pytest.raises(ValueError, match=words):
+      generate(model, [[1, 2]], **kw)
+  with pytest.raises(ValueError, match="empty"):
+    generate(model, [[1, 2], []])
+  with pytest.raises(ValueError, match="vocab_size"):
+    generate(model, [[1, 999]])
+  with pytest.raises(ValueError, match="no LoRA"):
+    generate(no_lora, [[1, 2]], mode="spec", draft_lora=True)
+
+
+def test_threshold_is_compared_in_the_confidence_dtype():
+  # bf16(0.9) = 0.8984375: a bf16 confidence of exactly that clears tau = 0.9 (spec §9.2 item 4).
+  conf = jnp.array([[0.8984375, 0.5, 0.89453125, 0.2]], jnp.bfloat16)
+  is_mask = jnp.array([[True, True, True, False]])
+  got = select_threshold(conf, is_mask, jnp.float32(0.9))
+  assert got.tolist() == [[True, False, False, False]]
+  # Exactly one guaranteed commit even on ties, none outside the mask (spec §9.2 item 5).
+  conf = jnp.array([[0.3, 0.3, -jnp.inf]], jnp.float32)
+  got = select_threshold(conf, jnp.array([[True, True, False]]), jnp.float32(0.9))
+  assert got.tolist() == [[True, False, False]]
+
+
+def test_transfer_schedule_front_loads_the_remainder():
+  got = np.asarray(transfer_schedule(jnp.array([31, 70]), 32))
+  assert got[0].tolist() == [1] * 31 + [0]
+  assert got[1].tolist() == [3] * 6 + [2] * 26

@@ -1,0 +1,191 @@
+"""Training runs on the tiny model: both losses fall, gradient accumulation is exact, a killed run
+resumes bit for bit, chat data is masked to the responses, and the adapter export loads back."""
+
+import json
+import os
+import pathlib
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dllm_jax import LoRAConfig, NLDModel, preset
+from dllm_jax.checkpoint import LORA_DIR, export_hf, load_pretrained
+from dllm_jax.training import data as data_lib
+from dllm_jax.training.export import export_peft_adapter
+from dllm_jax.training.objective import Objective
+from dllm_jax.training.optim import make_optimizer, wsd_schedule
+from dllm_jax.training.run import train
+from dllm_jax.training.trainer import Trainer
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CFG = preset("tiny").replace(block_size=8)
+EOS = CFG.eos_token_id
+
+
+def encode(text):
+  """A character-level codec inside the tiny vocabulary (ids 120..239, clear of MASK=100)."""
+  return [120 + ord(c) % 120 for c in text]
+
+
+def counting_corpus(rng, rows, n):
+  """Rows of 'count upwards by a per-row stride' (mod 10): learnable left-to-right and in-fill."""
+  start, stride = rng.integers(0, 10, rows), rng.integers(1, 4, rows)
+  digits = (start[:, None] + stride[:, None] * np.arange(n)[None]) % 10
+  return (130 + 10 * stride[:, None] + digits).astype(np.int32)
+
+
+def test_training_lowers_diffusion_and_ar_losses(rng):
+  tokens = counting_corpus(rng, 64, 32)
+  eval_tokens = counting_corpus(np.random.default_rng(1), 16, 32)
+  ones = np.ones_like(eval_tokens)
+  schedule = wsd_schedule(1e-2, 40, 4, 10, 1e-3)
+  objective = Objective.from_model_config(CFG, paradigm="block_diff")
+  trainer = Trainer(NLDModel(CFG, rngs=nnx.Rngs(0)), objective, make_optimizer(schedule),
+                    schedule=schedule)
+  key = jax.random.PRNGKey(7)  # the same masks before and after
+  before = trainer.evaluate(eval_tokens, ones, key)
+  for step in range(40):
+    idx = np.random.default_rng(step).permutation(64)[:16]
+    trainer.step(tokens[idx][None], np.ones((1, 16, 32), np.int32))
+  after = trainer.evaluate(eval_tokens, ones, key)
+  assert after["ar_ce"] < before["ar_ce"] - 1.0, (before, after)
+  assert after["diff_ce"] < before["diff_ce"] - 1.0, (before, after)
+
+
+def test_gradient_accumulation_equals_one_big_batch(rng):
+  """Two micro-batches of 2 = one batch of 4, including the global token-count normaliser
+  (plain SGD: Adam's first step would hide a wrongly scaled gradient)."""
+  tokens = counting_corpus(rng, 4, 16)
+  loss_mask = (rng.random((4, 16)) < 0.5).astype(np.int32)
+  loss_mask[0] = 1  # unequal token counts per micro-batch
+  obj = Objective.from_model_config(CFG, paradigm="autoregressive")
+  params = []
+  for micro, batch in ((1, 4), (2, 2)):
+    trainer = Trainer(NLDModel(CFG, rngs=nnx.Rngs(0)), obj, optax.sgd(1.0))
+    trainer.step(tokens.reshape(micro, batch, 16), loss_mask.reshape(micro, batch, 16))
+    params.append(trainer.state["params"])
+  for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  # And the update is not trivially zero.
+  fresh = nnx.to_pure_dict(nnx.state(NLDModel(CFG, rngs=nnx.Rngs(0)), nnx.Param))
+  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(fresh))]
+  assert max(moved) > 1e-3
+
+
+def _tiny_run_config(tmp_path, data_path, steps):
+  config = runpy.run_path(str(CONFIGS / "train_tiny.py"))["get_config"]()
+  config.model.overrides.block_size = 8
+  config.data.path = str(data_path)
+  config.data.seq_len = 32
+  config.data.batch_size = 2
+  config.data.micro_batches = 2
+  config.optim.warmup_steps = 1
+  config.optim.decay_steps = 2
+  config.train.steps = steps
+  config.train.log_every = 1
+  config.checkpoint.dir = str(tmp_path / "ckpt")
+  config.checkpoint.save_every = 2
+  config.checkpoint.keep = 2
+  return config
+
+
+def test_killed_run_resumes_exactly(tmp_path, rng):
+  data_path = tmp_path / "data.jsonl"
+  with open(data_path, "w") as f:
+    for _ in range(24):
+      f.write(json.dumps({"text": "".join(rng.choice(list("abcdefgh"), size=20))}) + "\n")
+  full = train(_tiny_run_config(tmp_path / "a", data_path, 6), encode=encode, log=lambda _: None)
+  # Interrupted after step 5 with the last checkpoint at step 4: the resumed run redoes step 5.
+  cfg_b = _tiny_run_config(tmp_path / "b", data_path, 6)
+  train(cfg_b, encode=encode, stop_after=5, log=lambda _: None)
+  lines = []
+  resumed = train(cfg_b, encode=encode, log=lines.append)
+  assert any("resumed" in line and "step 4" in line for line in lines), lines
+  assert any("tok/s" in line for line in lines)
+  assert resumed.current_step == full.current_step == 6
+  for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  kept = sorted(os.listdir(tmp_path / "b" / "ckpt"))
+  assert kept == ["4", "6"], kept  # keep-N
+
+
+MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "ok?"}, {"role": "assistant", "content": "sure"}]
+
+
+def _render(think_in_prompt):
+  def render(messages, add_generation_prompt):
+    text = "".join(f"<{m['role']}>{m['content']}|" for m in messages)
+    return text + (f"<assistant>{think_in_prompt}" if add_generation_prompt else "")
+  return render
+
+
+def test_chat_loss_mask_covers_only_responses():
+  render = _render("")
+  [(ids, mask)] = data_lib.tokenize_chat(MESSAGES, encode, render)
+  text = render(MESSAGES, False)
+  assert ids == encode(text)
+  want = np.zeros(len(text), int)
+  for span in ("yo|", "sure|"):  # the response and its end-of-turn marker
+    start = text.index("<assistant>" + span) + len("<assistant>")
+    want[start:start + len(span)] = 1
+  np.testing.assert_array_equal(mask, want)
+
+
+def test_chat_with_think_pair_only_in_generation_prompt():
+  """Responses follow the generation prompt exactly as at inference (think pair included); the
+  history then no longer extends the tokens so far, so each turn becomes its own example."""
+  render = _render("<think></think>")
+  examples = data_lib.tokenize_chat(MESSAGES, encode, render)
+  want_texts = ["<user>hi|<assistant><think></think>yo|",
+                "<user>hi|<assistant>yo|<user>ok?|<assistant><think></think>sure|"]
+  assert [ids for ids, _ in examples] == [encode(t) for t in want_texts]
+  for (_, mask), text, resp in zip(examples, want_texts, ("yo|", "sure|")):
+    np.testing.assert_array_equal(mask, [0] * (len(text) - len(resp)) + [1] * len(resp))
+
+
+def test_packing_and_batches():
+  examples = [([1, 2, 3], [0, 1, 1]), ([4, 5, 6, 7, 8], [1, 1, 1, 1, 1])]
+  tokens, mask = data_lib.pack(examples, 3, pad_id=0)
+  np.testing.assert_array_equal(tokens, [[1, 2, 3], [4, 5, 6], [7, 8, 0]])
+  np.testing.assert_array_equal(mask, [[0, 1, 1], [1, 1, 1], [1, 1, 0]])
+  ds = data_lib.PackedDataset(tokens, mask, seed=3)
+  first_epoch = ds.rows(0, 3)[0]
+  assert sorted(map(tuple, first_epoch)) == sorted(map(tuple, tokens))  # a permutation per epoch
+  b0, _ = ds.batch(1, 2, 2)
+  np.testing.assert_array_equal(b0.reshape(4, 3), ds.rows(4, 4)[0])  # pure function of the index
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"text": "a"}\n{"txt": "b"}\n')
+  with pytest.raises(ValueError, match="bad.jsonl:2"):
+    data_lib.read_jsonl(path)
+
+
+def test_peft_adapter_export_loads_back(tmp_path):
+  lora = LoRAConfig(4, 16)
+  model = NLDModel(CFG, lora=lora, rngs=nnx.Rngs(0))
+  attn = model.encoder.layers.self_attn
+  attn.o_lora_b[...] = jax.random.normal(jax.random.PRNGKey(1), attn.o_lora_b.shape)
+  base_dir = tmp_path / "hf"
+  export_hf(NLDModel(CFG, rngs=nnx.Rngs(0)), base_dir)
+  export_peft_adapter(model, base_dir / LORA_DIR)
+  cfg = json.loads((base_dir / LORA_DIR / "adapter_config.json").read_text())
+  assert (cfg["r"], cfg["lora_alpha"], cfg["target_modules"]) == (4, 16, ["o_proj"])
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  tensors = load_file(str(base_dir / LORA_DIR / "adapter_model.safetensors"))
+  key = "base_model.model.encoder.layers.1.self_attn.o_proj.lora_{}.weight"
+  q_width = CFG.num_heads * CFG.head_dim
+  assert tensors[key.format("A")].shape == (4, q_width)  # [r, in]
+  assert tensors[key.format("B")].shape == (CFG.hidden_size, 4)  # [out, r]
+  assert tensors[key.format("A")].dtype == np.float32
+  loaded = load_pretrained(base_dir, dtype=jnp.float32, lora="required").model
+  got = loaded.encoder.layers.self_attn
+  np.testing.assert_array_equal(got.o_lora_a[...], attn.o_lora_a[...])
+  np.testing.assert_array_equal(got.o_lora_b[...], attn.o_lora_b[...])
