@@ -19,8 +19,11 @@ def train_config(overrides: dict | None = None) -> config_dict.ConfigDict:
   c.model.overrides = config_dict.ConfigDict()  # ModelConfig fields for presets (e.g. block_size)
   c.model.dtype = "bfloat16"  # compute dtype
   c.model.param_dtype = "float32"  # master weights
-  c.model.lora_rank = 0  # > 0: build the o_proj draft adapter (NLD: rank 128, alpha 512)
+  c.model.lora_rank = 0  # > 0: build LoRA adapters (the NLD draft: o_proj, rank 128, alpha 512)
   c.model.lora_alpha = 512.0
+  # Comma-separated projections to adapt: any of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
+  # down_proj.
+  c.model.lora_targets = "o_proj"
 
   c.objective = config_dict.ConfigDict()
   # block_diff | bidirectional | autoregressive | draft; empty: the model config's dlm_paradigm.

@@ -17,6 +17,7 @@ _common = runpy.run_path(str(pathlib.Path(__file__).with_name("train_common.py")
 def get_config():
   return _common["train_config"]({
       "objective.paradigm": "draft", "train.trainable": "lora", "model.lora_rank": 128,
+      "model.lora_targets": "o_proj",
       "model.lora_alpha": 512.0, "objective.draft_blocks_per_pass": 4, "data.seq_len": 1024,
       "data.batch_size": 8, "optim.peak_lr": 1e-4, "optim.final_lr": 1e-5,
       "optim.weight_decay": 0.0, "optim.warmup_steps": 20, "optim.decay_steps": 200,

@@ -142,10 +142,10 @@ def random_lora(cfg: ModelConfig, rank: int, seed: int) -> tuple[np.ndarray, np.
 
 
 def set_lora(model: NLDModel, a: np.ndarray, b: np.ndarray) -> None:
-  """Writes the draft LoRA factors into a model built with `lora=LoRAConfig(...)`."""
-  attn = model.encoder.layers.self_attn
-  for name, value in (("o_lora_a", a), ("o_lora_b", b)):
-    param = getattr(attn, name)
+  """Writes the o_proj draft LoRA factors into a model built with `lora=LoRAConfig(...)`."""
+  o_proj = model.encoder.layers.self_attn.o_proj
+  for name, value in (("lora_a", a), ("lora_b", b)):
+    param = getattr(o_proj, name)
     if tuple(param.value.shape) != tuple(value.shape):
       raise ValueError(f"LoRA factor {name} has shape {value.shape}, "
                        f"the model expects {tuple(param.value.shape)}")

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from dllm_jax.config import ModelConfig
-from dllm_jax.model import LoRAConfig, NLDModel, abstract_model
+from dllm_jax.model import LORA_TARGETS, LoRAConfig, NLDModel, abstract_model
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -82,14 +82,17 @@ KEY_TABLE: tuple[KeyRule, ...] = (
           ("mlp.down_proj", True),
       )),
 )
-# PEFT names of the draft adapter (spec §2.3): lora_A [r, in] -> a = A.T [in, r];
-# lora_B [out, r] -> b = B.T [r, out].
-LORA_TABLE: tuple[KeyRule, ...] = (
-    KeyRule("base_model.model.{prefix}.layers.{i}.self_attn.o_proj.lora_A.weight",
-            ("encoder", "layers", "self_attn", "o_lora_a"), True, True),
-    KeyRule("base_model.model.{prefix}.layers.{i}.self_attn.o_proj.lora_B.weight",
-            ("encoder", "layers", "self_attn", "o_lora_b"), True, True),
-)
+
+
+def lora_rules(targets: Iterable[str]) -> tuple[KeyRule, ...]:
+  """PEFT names of an adapter on `targets` (spec §2.3): lora_A [r, in] -> a = A.T [in, r] and
+  lora_B [out, r] -> b = B.T [r, out], held by the adapted projection."""
+  return tuple(
+      KeyRule(f"base_model.model.{{prefix}}.layers.{{i}}.{LORA_TARGETS[t]}.{t}.lora_{ab}.weight",
+              ("encoder", "layers", LORA_TARGETS[t], t, f"lora_{ab.lower()}"), True, True)
+      for t in targets for ab in "AB")
+
+
 HEAD_PATH = ("diffusion_head", "kernel")
 NAMING = {  # checkpoint family -> (encoder prefix, head key)
     "nld": ("encoder", "diffusion_head.weight"),
@@ -128,10 +131,10 @@ def expected_hf_keys(cfg: ModelConfig, naming: str = "nld") -> dict[str, tuple[K
   return out
 
 
-def expected_lora_keys(cfg: ModelConfig, naming: str = "nld"
+def expected_lora_keys(cfg: ModelConfig, lora: LoRAConfig, naming: str = "nld"
                        ) -> dict[str, tuple[KeyRule, int | None]]:
-  """Every PEFT key of an o_proj-only adapter -> (rule, layer index)."""
-  return _expand(LORA_TABLE, cfg, NAMING[naming][0])
+  """Every PEFT key of an adapter on `lora.targets` -> (rule, layer index)."""
+  return _expand(lora_rules(lora.targets), cfg, NAMING[naming][0])
 
 
 def _get_path(tree, path):
@@ -434,7 +437,7 @@ def model_from_tensors(cfg: ModelConfig, get_tensor: Callable[[str], np.ndarray]
   naming = detect_naming(keys)
   expected = expected_hf_keys(cfg, naming)
   if lora is not None:
-    lora_expected = expected_lora_keys(cfg, naming)
+    lora_expected = expected_lora_keys(cfg, lora, naming)
     if set(keys) & set(lora_expected):
       expected = {**expected, **lora_expected}
   _check_key_sets(keys, expected, "checkpoint")
@@ -455,7 +458,8 @@ def model_from_state_dict(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *
 # --- the draft LoRA adapter -----------------------------------------------------------------------
 
 def read_adapter_config(adapter_dir: Path) -> LoRAConfig:
-  """Validates a PEFT adapter_config.json as an o_proj-only plain LoRA and returns its rank/alpha."""
+  """Validates a PEFT adapter_config.json as a plain LoRA on supported projections (any subset of
+  `LORA_TARGETS`) and returns its rank, alpha and targets."""
   path = Path(adapter_dir) / ADAPTER_CONFIG
   if not path.is_file():
     raise CheckpointError(f"{path}: file not found")
@@ -467,9 +471,12 @@ def read_adapter_config(adapter_dir: Path) -> LoRAConfig:
     raise CheckpointError(f"{path}: not a JSON object")
   targets = ac.get("target_modules")
   targets = [targets] if isinstance(targets, str) else targets
+  targets_ok = (isinstance(targets, list) and bool(targets)
+                and all(isinstance(t, str) and t in LORA_TARGETS for t in targets))
   checks = (
       (ac.get("peft_type", "LORA") == "LORA", f"peft_type={ac.get('peft_type')!r}, expected 'LORA'"),
-      (targets == ["o_proj"], f"target_modules={ac.get('target_modules')!r}, expected ['o_proj']"),
+      (targets_ok, f"target_modules={ac.get('target_modules')!r}, expected a non-empty subset of "
+                   f"{list(LORA_TARGETS)}"),
       (not ac.get("use_dora"), "use_dora=true is not supported"),
       (not ac.get("use_rslora"), "use_rslora=true is not supported"),
       (ac.get("bias", "none") == "none", f"bias={ac.get('bias')!r}, expected 'none'"),
@@ -485,13 +492,22 @@ def read_adapter_config(adapter_dir: Path) -> LoRAConfig:
   for ok, msg in checks:
     if not ok:
       raise CheckpointError(f"{path}: {msg}")
-  return LoRAConfig(rank=int(ac["r"]), alpha=float(ac["lora_alpha"]))
+  return LoRAConfig(rank=int(ac["r"]), alpha=float(ac["lora_alpha"]), targets=tuple(targets))
 
 
-def _adapter_headers(adapter_dir: Path, cfg: ModelConfig, naming: str, state
+def adapter_config(lora: LoRAConfig, base_model_name_or_path: str | None = None
+                   ) -> dict[str, Any]:
+  """The PEFT adapter_config.json of a plain LoRA on `lora.targets`."""
+  return dict(peft_type="LORA", task_type="CAUSAL_LM", r=lora.rank, lora_alpha=lora.alpha,
+              target_modules=list(lora.targets), lora_dropout=0.0, bias="none", use_rslora=False,
+              use_dora=False, fan_in_fan_out=False, inference_mode=True,
+              base_model_name_or_path=base_model_name_or_path)
+
+
+def _adapter_headers(adapter_dir: Path, cfg: ModelConfig, lora: LoRAConfig, naming: str, state
                      ) -> tuple[dict[str, TensorInfo], dict[str, tuple[KeyRule, int | None]]]:
   infos = read_safetensors_header(Path(adapter_dir) / ADAPTER_WEIGHTS)
-  expected = expected_lora_keys(cfg, naming)
+  expected = expected_lora_keys(cfg, lora, naming)
   _check_key_sets(infos, expected, str(Path(adapter_dir) / ADAPTER_WEIGHTS))
   for key, (rule, layer) in expected.items():
     info, want = infos[key], _hf_shape(state, rule, layer)
@@ -567,7 +583,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
   _check_headers(infos, expected, state)
   lora_infos, lora_expected = ({}, {})
   if lora_cfg is not None:
-    lora_infos, lora_expected = _adapter_headers(adapter_dir, cfg, naming, state)
+    lora_infos, lora_expected = _adapter_headers(adapter_dir, cfg, lora_cfg, naming, state)
   all_infos = {**infos, **lora_infos}
   shard_of = _sharding_lookup(cfg, state, mesh)
   with contextlib.ExitStack() as stack:
@@ -595,16 +611,30 @@ def _abstract_target(tree: Mapping[str, Any], shard_of, path=()) -> dict[str, An
           for k, v in tree.items()}
 
 
+def _apply_umask(directory: Path) -> None:
+  """Gives a `tempfile.mkdtemp` directory (always 0700) the mode a plain mkdir would give it."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(directory, 0o777 & ~umask)
+
+
 @contextlib.contextmanager
-def _atomic_dir(out_dir: Path):
-  """Yields a temp dir beside `out_dir` that is renamed onto it only if the body succeeds."""
+def atomic_dir(out_dir: str | os.PathLike, *, replace: bool = False):
+  """Yields a temp dir beside `out_dir` that is renamed onto it only if the body succeeds.
+
+  replace: remove an existing `out_dir` just before the rename (else an existing one is an error).
+  The result has the permissions of a plain mkdir (the process umask), not mkdtemp's 0700.
+  """
   out_dir = Path(out_dir).absolute()
-  if out_dir.exists():
+  if out_dir.exists() and not replace:
     raise CheckpointError(f"{out_dir}: already exists (remove it first)")
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
   try:
     yield tmp
+    _apply_umask(tmp)
+    if replace and out_dir.exists():
+      shutil.rmtree(out_dir)
     os.rename(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -655,7 +685,7 @@ def save_converted(pre: Pretrained, out_dir: str | os.PathLike) -> Path:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   out_dir = Path(out_dir).absolute()
   _, lora_state, base_state = _split_params(pre.model)
-  with _atomic_dir(out_dir) as tmp:
+  with atomic_dir(out_dir) as tmp:
     items = [("params", base_state)] + ([("lora", lora_state)] if pre.lora is not None else [])
     with _orbax_checkpointer() as ckptr:
       for item, state in items:
@@ -773,7 +803,7 @@ def export_hf(model: NLDModel, out_dir: str | os.PathLike, *, naming: str = "nld
   source = Path(source_dir) if source_dir is not None else None
   _, state = nnx.split(model)
   base = _export_entries(state, expected_hf_keys(cfg, naming), dtype)
-  with _atomic_dir(Path(out_dir)) as tmp:
+  with atomic_dir(Path(out_dir)) as tmp:
     write_safetensors(tmp / WEIGHTS_NAME, base)
     (tmp / "config.json").write_text(json.dumps(
         _config_json(cfg, source, naming, _ST_TO_HF_DTYPE[_NP_TO_ST[base[0][1]]]), indent=2))
@@ -781,10 +811,7 @@ def export_hf(model: NLDModel, out_dir: str | os.PathLike, *, naming: str = "nld
     if model.lora is not None:
       (tmp / LORA_DIR).mkdir()
       write_safetensors(tmp / LORA_DIR / ADAPTER_WEIGHTS,
-                        _export_entries(state, expected_lora_keys(cfg, naming), np.float32))
-      adapter = dict(peft_type="LORA", task_type="CAUSAL_LM", r=model.lora.rank,
-                     lora_alpha=model.lora.alpha, target_modules=["o_proj"], lora_dropout=0.0,
-                     bias="none", use_rslora=False, use_dora=False, fan_in_fan_out=False,
-                     inference_mode=True)
-      (tmp / LORA_DIR / ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2))
+                        _export_entries(state, expected_lora_keys(cfg, model.lora, naming),
+                                        np.float32))
+      (tmp / LORA_DIR / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(model.lora), indent=2))
   return Path(out_dir).absolute()

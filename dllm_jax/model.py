@@ -2,7 +2,8 @@
 
 The module tree mirrors the checkpoint: `encoder.{embed_tokens, layers, norm}` and `diffusion_head`,
 with each layer's `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj` kernels stored
-[in, out] (the transpose of PyTorch's [out, in]). Layers are created with `nnx.vmap` and run with
+[in, out] (the transpose of PyTorch's [out, in]); a projection named in `LoRAConfig.targets` also
+holds its adapter factors `lora_a` / `lora_b`. Layers are created with `nnx.vmap` and run with
 `lax.scan`, so every layer parameter carries a leading `layers` axis and compile time does not grow
 with depth. Parameters carry logical axis names in their `axes` metadata (per layer, without the
 leading `layers` axis) for dllm_jax.sharding.
@@ -35,11 +36,33 @@ from dllm_jax.kv_cache import KVCache, write_layer
 MODES = ("causal", "diffusion", "block_diff")
 
 
+# Linear modules an adapter may target (PEFT `target_modules` names) -> the layer submodule
+# holding them. The order is the canonical order of `LoRAConfig.targets`.
+LORA_TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+                "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-  """A low-rank adapter on o_proj (the NLD draft LoRA: rank 128, alpha 512)."""
+  """Low-rank adapters on the layer projections named by `targets` (PEFT module names).
+
+  The NLD draft LoRA is o_proj only, rank 128, alpha 512. Targets are kept in the canonical
+  `LORA_TARGETS` order, so configs compare equal whatever order they were listed in.
+  """
   rank: int
   alpha: float
+  targets: tuple[str, ...] = ("o_proj",)
+
+  def __post_init__(self):
+    targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    if unknown or not targets:
+      culprit = f" ({unknown[0]!r} is unknown)" if unknown else ""
+      raise ValueError(f"LoRA targets {list(targets)}: expected a non-empty subset of "
+                       f"{list(LORA_TARGETS)}{culprit}")
+    if not isinstance(self.rank, int) or self.rank < 1:
+      raise ValueError(f"LoRA rank={self.rank!r}: expected a positive int")
+    object.__setattr__(self, "targets", tuple(t for t in LORA_TARGETS if t in targets))
 
   @property
   def scale(self) -> float:
@@ -118,15 +141,37 @@ def _normal(rngs, shape, dtype):
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel, kernel [in, out]; no bias anywhere in NLD."""
+  """y = x @ kernel, kernel [in, out]; no bias anywhere in NLD.
 
-  def __init__(self, d_in, d_out, axes, *, dtype, param_dtype, rngs):
+  With `lora`, the module also holds a low-rank adapter (spec §2.3): fp32 `lora_a` [in, r] and
+  `lora_b` [r, out], both nnx.LoRAParam. As PEFT initialises a fresh adapter, `lora_a` is
+  kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)), and `lora_b` is zero, so an
+  untrained adapter changes nothing while both factors still get gradients. The factors' logical
+  axes extend the kernel's, so they shard along with it.
+  """
+
+  def __init__(self, d_in, d_out, axes, *, dtype, param_dtype, rngs,
+               lora: LoRAConfig | None = None):
     self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), param_dtype), axes=axes)
     self.dtype = dtype
+    self.lora_scale = lora.scale if lora else None
+    if lora:
+      bound = 1.0 / math.sqrt(d_in)
+      self.lora_a = nnx.LoRAParam(
+          jax.random.uniform(rngs.params(), (d_in, lora.rank), jnp.float32, -bound, bound),
+          axes=(axes[0], "lora_rank"))
+      self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, d_out), jnp.float32),
+                                  axes=("lora_rank", axes[1]))
 
-  def __call__(self, x):
-    return jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                      preferred_element_type=jnp.float32).astype(self.dtype)
+  def __call__(self, x, lora: bool = False):
+    """lora: add scale * (x @ a) @ b in fp32; a Linear without an adapter ignores it (the model's
+    flag switches on every adapted projection at once)."""
+    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                   preferred_element_type=jnp.float32).astype(self.dtype)
+    if lora and self.lora_scale is not None:
+      delta = (x.astype(jnp.float32) @ self.lora_a[...]) @ self.lora_b[...]
+      y = (y.astype(jnp.float32) + self.lora_scale * delta).astype(self.dtype)
+    return y
 
 
 class Embed(nnx.Module):
@@ -156,56 +201,48 @@ class RMSNorm(nnx.Module):
     return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
 
 
+def _for(target: str, lora: LoRAConfig | None) -> LoRAConfig | None:
+  """The adapter config for one projection: `lora` if it targets it, else None."""
+  return lora if lora is not None and target in lora.targets else None
+
+
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, lora: LoRAConfig | None, *, dtype, param_dtype, rngs):
     d, q_width, kv_width = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = Linear(d, q_width, ("embed", "q_heads"), **kw)
-    self.k_proj = Linear(d, kv_width, ("embed", "kv_heads"), **kw)
-    self.v_proj = Linear(d, kv_width, ("embed", "kv_heads"), **kw)
-    self.o_proj = Linear(q_width, d, ("q_heads", "embed"), **kw)
+    self.q_proj = Linear(d, q_width, ("embed", "q_heads"), **kw, lora=_for("q_proj", lora))
+    self.k_proj = Linear(d, kv_width, ("embed", "kv_heads"), **kw, lora=_for("k_proj", lora))
+    self.v_proj = Linear(d, kv_width, ("embed", "kv_heads"), **kw, lora=_for("v_proj", lora))
+    self.o_proj = Linear(q_width, d, ("q_heads", "embed"), **kw, lora=_for("o_proj", lora))
     self.cfg, self.dtype = cfg, dtype
-    self.lora_scale = lora.scale if lora else None
-    if lora:
-      # Draft LoRA on o_proj (spec §2.3): y += scale * (x @ a) @ b, with b zero-initialised as in
-      # PEFT so an untrained adapter is the identity.
-      self.o_lora_a = nnx.LoRAParam(_normal(rngs, (q_width, lora.rank), jnp.float32),
-                                    axes=("q_heads", "lora_rank"))
-      self.o_lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, d), jnp.float32),
-                                    axes=("lora_rank", "embed"))
 
-  def qkv(self, x, cos, sin, qscale):
+  def qkv(self, x, cos, sin, qscale, lora: bool = False):
     b, t, _ = x.shape
     cfg = self.cfg
-    q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q = self.q_proj(x, lora).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = self.k_proj(x, lora).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = self.v_proj(x, lora).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if qscale is not None:  # Llama-4 query temperature, after RoPE, keys unscaled
       q = q * qscale.astype(q.dtype)[:, :, None, None]
     return q, k, v
 
-  def out(self, o, lora: bool):
+  def out(self, o, lora: bool = False):
     b, t = o.shape[:2]
-    o = o.reshape(b, t, -1)
-    y = self.o_proj(o)
-    if lora:
-      if self.lora_scale is None:
-        raise ValueError("lora=True but the model was built without a LoRA adapter")
-      delta = (o.astype(jnp.float32) @ self.o_lora_a[...]) @ self.o_lora_b[...]
-      y = (y.astype(jnp.float32) + self.lora_scale * delta).astype(y.dtype)
-    return y
+    return self.o_proj(o.reshape(b, t, -1), lora)
 
 
 class MLP(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs):
+  def __init__(self, cfg: ModelConfig, lora: LoRAConfig | None = None, *, dtype, param_dtype,
+               rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "ffw"), **kw)
-    self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "ffw"), **kw)
-    self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, ("ffw", "embed"), **kw)
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = Linear(d, f, ("embed", "ffw"), **kw, lora=_for("gate_proj", lora))
+    self.up_proj = Linear(d, f, ("embed", "ffw"), **kw, lora=_for("up_proj", lora))
+    self.down_proj = Linear(f, d, ("ffw", "embed"), **kw, lora=_for("down_proj", lora))
 
-  def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+  def __call__(self, x, lora: bool = False):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
 
 
 class DecoderLayer(nnx.Module):
@@ -214,7 +251,7 @@ class DecoderLayer(nnx.Module):
     self.self_attn = Attention(cfg, lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
                                             param_dtype=param_dtype)
-    self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = MLP(cfg, lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class Encoder(nnx.Module):
@@ -256,13 +293,15 @@ class NLDModel(nnx.Module):
     n_new: [B] number of leading input tokens per row that count as appended in causal-with-cache
       mode (ragged prefill; default T). All T are written, only n_new[b] become visible.
     key_valid: [B, T] key-padding mask for cache-less modes (and for the block in diffusion mode).
-    lora: add the o_proj LoRA delta (the draft adapter).
+    lora: add the adapters' deltas on every targeted projection (the draft forward).
     logits_at: [B, K] input indices: return logits [B, K, V] at those positions only (a prefill
       needs one row per sequence; the full [B, T, V] would dwarf the activations at vocab 131k).
     """
     cfg = self.cfg
     if mode not in MODES:
       raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if lora and self.lora is None:
+      raise ValueError("lora=True but the model was built without a LoRA adapter")
     impl = cfg.attention_impl if impl is None else impl
     b, t = tokens.shape
     if mode == "block_diff":
@@ -297,7 +336,7 @@ class NLDModel(nnx.Module):
       layer = nnx.merge(layers_def, layer_state)
       with jax.named_scope("attention_block"):
         a = layer.input_layernorm(h)
-        q, k, v = layer.self_attn.qkv(a, cos, sin, qscale)
+        q, k, v = layer.self_attn.qkv(a, cos, sin, qscale, lora)
         if write:
           kbuf = write_layer(kbuf, idx, k, offsets)
           vbuf = write_layer(vbuf, idx, v, offsets)
@@ -315,7 +354,7 @@ class NLDModel(nnx.Module):
                                  key_valid=key_valid, impl=impl)
         h = h + layer.self_attn.out(o, lora)
       with jax.named_scope("mlp_block"):
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + layer.mlp(layer.post_attention_layernorm(h), lora)
       return (h, kbuf, vbuf), None
 
     kbuf = cache.k if cache is not None else None
@@ -335,6 +374,14 @@ class NLDModel(nnx.Module):
       appended = jnp.full((b,), t, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
       cache = KVCache(kbuf, vbuf, offsets + appended)
     return logits, cache
+
+
+def lora_linears(model: NLDModel) -> dict[str, Linear]:
+  """target name -> the (layer-stacked) Linear carrying that adapter; empty without a LoRA."""
+  if model.lora is None:
+    return {}
+  layers = model.encoder.layers
+  return {t: getattr(getattr(layers, LORA_TARGETS[t]), t) for t in model.lora.targets}
 
 
 def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=None,

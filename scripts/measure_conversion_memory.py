@@ -59,16 +59,15 @@ def write_synthetic(out: Path, cfg, dtype: str, lora_rank: int = 128) -> int:
       yield key, dt, shape, lambda shape=shape: (
           0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(dt)
 
-  _, state = nnx.split(abstract_model(cfg, lora=LoRAConfig(lora_rank, 4 * lora_rank)))
+  lora = LoRAConfig(lora_rank, 4 * lora_rank)
+  _, state = nnx.split(abstract_model(cfg, lora=lora))
   ckpt.write_safetensors(out / ckpt.WEIGHTS_NAME,
                          entries(ckpt.expected_hf_keys(cfg), state, np_dtype))
   lora_dir = out / ckpt.LORA_DIR
   lora_dir.mkdir()
   ckpt.write_safetensors(lora_dir / ckpt.ADAPTER_WEIGHTS,
-                         entries(ckpt.expected_lora_keys(cfg), state, np.dtype(np.float32)))
-  (lora_dir / ckpt.ADAPTER_CONFIG).write_text(json.dumps(
-      {"peft_type": "LORA", "r": lora_rank, "lora_alpha": 4 * lora_rank,
-       "target_modules": ["o_proj"], "bias": "none"}))
+                         entries(ckpt.expected_lora_keys(cfg, lora), state, np.dtype(np.float32)))
+  (lora_dir / ckpt.ADAPTER_CONFIG).write_text(json.dumps(ckpt.adapter_config(lora)))
   return (out / ckpt.WEIGHTS_NAME).stat().st_size
 
 

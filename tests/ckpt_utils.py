@@ -69,20 +69,34 @@ def save_tensors(out_dir: Path, tensors: dict[str, torch.Tensor], shards: int = 
       json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
 
 
-def lora_tensors(cfg: ModelConfig, rank: int, seed: int = 1) -> dict[str, torch.Tensor]:
-  """PEFT-named fp32 factors (spec §2.3): lora_A [r, H*D], lora_B [d, r], both non-zero."""
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
+  """PEFT target -> (layer submodule, in width, out width) of the Ministral-3 projections."""
+  d, q, kv, f = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
+                 cfg.intermediate_size)
+  return {"q_proj": ("self_attn", d, q), "k_proj": ("self_attn", d, kv),
+          "v_proj": ("self_attn", d, kv), "o_proj": ("self_attn", q, d),
+          "gate_proj": ("mlp", d, f), "up_proj": ("mlp", d, f), "down_proj": ("mlp", f, d)}
+
+
+def lora_tensors(cfg: ModelConfig, rank: int, seed: int = 1,
+                 targets: tuple[str, ...] = ("o_proj",)) -> dict[str, torch.Tensor]:
+  """PEFT-named fp32 factors (spec §2.3): lora_A [r, in], lora_B [out, r], both non-zero."""
   g = torch.Generator().manual_seed(seed)
+  shapes = projection_shapes(cfg)
   out = {}
   for i in range(cfg.num_layers):
-    base = f"base_model.model.encoder.layers.{i}.self_attn.o_proj"
-    out[f"{base}.lora_A.weight"] = 0.05 * torch.randn(rank, cfg.num_heads * cfg.head_dim, generator=g)
-    out[f"{base}.lora_B.weight"] = 0.05 * torch.randn(cfg.hidden_size, rank, generator=g)
+    for target in targets:
+      module, d_in, d_out = shapes[target]
+      base = f"base_model.model.encoder.layers.{i}.{module}.{target}"
+      out[f"{base}.lora_A.weight"] = 0.05 * torch.randn(rank, d_in, generator=g)
+      out[f"{base}.lora_B.weight"] = 0.05 * torch.randn(d_out, rank, generator=g)
   return out
 
 
-def adapter_config(rank: int, alpha: float, **overrides) -> dict:
+def adapter_config(rank: int, alpha: float, targets: tuple[str, ...] = ("o_proj",),
+                   **overrides) -> dict:
   return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-          "target_modules": ["o_proj"], "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+          "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
           "use_dora": False, "fan_in_fan_out": False, "inference_mode": True, **overrides}
 
 
@@ -95,7 +109,8 @@ def write_adapter(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict)
 
 def write_nld_checkpoint(out_dir: Path, cfg: ModelConfig, model: torch.nn.Module, *,
                          dtype: torch.dtype = torch.float32, shards: int = 1,
-                         lora: tuple[int, float] | None = None) -> Path:
+                         lora: tuple[int, float] | None = None,
+                         lora_targets: tuple[str, ...] = ("o_proj",)) -> Path:
   """An NLD-layout HF directory: config.json, weights, tokenizer_config.json, optional adapter."""
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "config.json").write_text(json.dumps(nld_config_json(cfg)))
@@ -103,7 +118,8 @@ def write_nld_checkpoint(out_dir: Path, cfg: ModelConfig, model: torch.nn.Module
   save_tensors(out_dir, nld_state_dict(model, dtype), shards)
   if lora is not None:
     rank, alpha = lora
-    write_adapter(out_dir, lora_tensors(cfg, rank), adapter_config(rank, alpha))
+    write_adapter(out_dir, lora_tensors(cfg, rank, targets=lora_targets),
+                  adapter_config(rank, alpha, lora_targets))
   return out_dir
 
 

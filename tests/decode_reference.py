@@ -243,7 +243,7 @@ def structured_model(seed: int = 0, lora: bool = True) -> NLDModel:
     # Every rank of the adapter writes along the direction that separates token 41 from 63, so
     # drafts with the LoRA differ from drafts without it (the untrained adapter is the identity).
     toward = head[:, 41] - head[:, 63]
-    attn = model.encoder.layers.self_attn
-    attn.o_lora_b[...] = jnp.broadcast_to(
-        jnp.asarray(1.0 * toward / np.linalg.norm(toward), jnp.float32), attn.o_lora_b[...].shape)
+    o_proj = model.encoder.layers.self_attn.o_proj
+    o_proj.lora_b[...] = jnp.broadcast_to(
+        jnp.asarray(1.0 * toward / np.linalg.norm(toward), jnp.float32), o_proj.lora_b[...].shape)
   return model

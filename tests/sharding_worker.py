@@ -28,6 +28,7 @@ from flax import nnx
 from dllm_jax import KVCache, LoRAConfig, NLDModel, preset
 from dllm_jax import sharding as shd
 from dllm_jax.decode import generate
+from dllm_jax.model import lora_linears
 
 MESHES = ((1, 8), (2, 4), (4, 2), (8, 1))
 MULTIHOST_MESH = (2, 4)
@@ -36,16 +37,18 @@ CFG = preset("tiny").replace(num_heads=8, num_kv_heads=4, head_dim=16)
 PROMPT_LENGTHS = (3, 7, 5, 12, 1, 9, 4, 10)
 MAX_LEN = 32
 DECODE_STEPS = 6
-LORA = LoRAConfig(rank=4, alpha=8.0)
+# Adapters on projections split along their input and along their output, kv heads included.
+LORA = LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "o_proj", "down_proj"))
 GENERATE_MODES = ("ar", "diffusion", "spec")
 GENERATE_KW = dict(max_new_tokens=8, block_length=4)
 
 
 def build_model() -> NLDModel:
-  """The test model, with a non-zero draft LoRA so that spec drafts differ from plain diffusion."""
+  """The test model, with non-zero draft LoRAs so that spec drafts differ from plain diffusion."""
   model = NLDModel(CFG, lora=LORA, rngs=nnx.Rngs(0))
-  lora_b = model.encoder.layers.self_attn.o_lora_b
-  lora_b[...] = 0.02 * jax.random.normal(jax.random.key(1), lora_b.shape, lora_b.dtype)
+  for i, linear in enumerate(lora_linears(model).values()):
+    lora_b = linear.lora_b
+    lora_b[...] = 0.02 * jax.random.normal(jax.random.key(1 + i), lora_b.shape, lora_b.dtype)
   return model
 
 

@@ -29,6 +29,8 @@ import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-po
 
 CFG = preset("tiny")
 RANK, ALPHA = 8, 32.0
+# Adapters split along their input (o_proj, down_proj) and output (q_proj, v_proj) under sharding.
+MULTI = ("q_proj", "v_proj", "o_proj", "down_proj")
 # 80 > 64 positions, so the tiny preset's Llama-4 query scale is active in the comparison.
 TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 80)).astype(np.int32)
 
@@ -44,6 +46,8 @@ def ckpts(tmp_path_factory, torch_model):
   root = tmp_path_factory.mktemp("ckpts")
   out = {
       "fp32": cu.write_nld_checkpoint(root / "fp32", CFG, torch_model, lora=(RANK, ALPHA)),
+      "fp32-multi": cu.write_nld_checkpoint(root / "fp32-multi", CFG, torch_model,
+                                            lora=(RANK, ALPHA), lora_targets=MULTI),
       "fp32-sharded": cu.write_nld_checkpoint(root / "fp32-sharded", CFG, torch_model, shards=3),
       "bf16": cu.write_nld_checkpoint(root / "bf16", CFG, torch_model, dtype=torch.bfloat16,
                                       lora=(RANK, ALPHA)),
@@ -104,16 +108,19 @@ def test_dtypes_and_tokenizer_dir(ckpts):
 
 # --- the draft LoRA -----------------------------------------------------------------------------------
 
-def _draft_reference(torch_model, adapter_file: Path):
-  """The reference model with W_o + scale * B A merged in numpy (spec §2.3), and the merged [out, in]."""
+def _draft_reference(torch_model, adapter_file: Path, targets=("o_proj",)):
+  """The reference model with W + scale * B A merged in numpy for every target (spec §2.3), and
+  the merged weights [out, in] by transformers key."""
   adapter = safetensors.torch.load_file(adapter_file)
   merged = {}
   for i in range(CFG.num_layers):
-    peft = f"base_model.model.encoder.layers.{i}.self_attn.o_proj"
-    a = adapter[f"{peft}.lora_A.weight"].numpy().astype(np.float64)
-    b = adapter[f"{peft}.lora_B.weight"].numpy().astype(np.float64)
-    w = torch_model.state_dict()[f"model.layers.{i}.self_attn.o_proj.weight"].numpy()
-    merged[f"model.layers.{i}.self_attn.o_proj.weight"] = w + ALPHA / RANK * b @ a
+    for target in targets:
+      module = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+      name = f"layers.{i}.{module}.{target}"
+      a = adapter[f"base_model.model.encoder.{name}.lora_A.weight"].numpy().astype(np.float64)
+      b = adapter[f"base_model.model.encoder.{name}.lora_B.weight"].numpy().astype(np.float64)
+      w = torch_model.state_dict()[f"model.{name}.weight"].numpy()
+      merged[f"model.{name}.weight"] = w + ALPHA / RANK * b @ a
   return _torch_with(torch_model, {k: torch.tensor(v, dtype=torch.float32)
                                    for k, v in merged.items()}), merged
 
@@ -123,14 +130,37 @@ def test_lora_matches_merged_o_proj(ckpts, torch_model):
   assert pre.lora == ckpt.LoRAConfig(RANK, ALPHA)
   draft_model, merged = _draft_reference(
       torch_model, ckpts["fp32"] / "linear_spec_lora" / "adapter_model.safetensors")
-  attn = pre.model.encoder.layers.self_attn
+  o_proj = pre.model.encoder.layers.self_attn.o_proj
   for i in range(CFG.num_layers):
     # Effective draft kernel from the loaded params, [in, out].
-    kernel = (np.asarray(attn.o_proj.kernel[...][i], np.float64)
-              + ALPHA / RANK * np.asarray(attn.o_lora_a[...][i], np.float64)
-              @ np.asarray(attn.o_lora_b[...][i], np.float64))
+    kernel = (np.asarray(o_proj.kernel[...][i], np.float64)
+              + ALPHA / RANK * np.asarray(o_proj.lora_a[...][i], np.float64)
+              @ np.asarray(o_proj.lora_b[...][i], np.float64))
     np.testing.assert_allclose(kernel, merged[f"model.layers.{i}.self_attn.o_proj.weight"].T,
                                rtol=0, atol=1e-6)
+  draft, _ = pre.model(jnp.asarray(TOKENS), mode="causal", lora=True)
+  assert _rel_err(draft, cu.torch_logits(draft_model, TOKENS)) <= 1e-4
+  base, _ = pre.model(jnp.asarray(TOKENS), mode="causal", lora=False)
+  assert _rel_err(base, cu.torch_logits(torch_model, TOKENS)) <= 1e-4
+
+
+def test_lora_on_several_targets_matches_merged(ckpts, torch_model):
+  pre = load_pretrained(ckpts["fp32-multi"], dtype=jnp.float32, lora="required")
+  assert pre.lora == ckpt.LoRAConfig(RANK, ALPHA, MULTI)
+  draft_model, merged = _draft_reference(
+      torch_model, ckpts["fp32-multi"] / "linear_spec_lora" / "adapter_model.safetensors", MULTI)
+  layers = pre.model.encoder.layers
+  for target in MULTI:
+    module = "mlp" if target == "down_proj" else "self_attn"
+    linear = getattr(getattr(layers, module), target)
+    for i in range(CFG.num_layers):
+      kernel = (np.asarray(linear.kernel[...][i], np.float64)
+                + ALPHA / RANK * np.asarray(linear.lora_a[...][i], np.float64)
+                @ np.asarray(linear.lora_b[...][i], np.float64))
+      np.testing.assert_allclose(kernel, merged[f"model.layers.{i}.{module}.{target}.weight"].T,
+                                 rtol=0, atol=1e-6, err_msg=f"{target} layer {i}")
+  # Projections outside the targets carry no adapter.
+  assert not hasattr(layers.self_attn.k_proj, "lora_a") and not hasattr(layers.mlp.up_proj, "lora_a")
   draft, _ = pre.model(jnp.asarray(TOKENS), mode="causal", lora=True)
   assert _rel_err(draft, cu.torch_logits(draft_model, TOKENS)) <= 1e-4
   base, _ = pre.model(jnp.asarray(TOKENS), mode="causal", lora=False)
@@ -183,7 +213,8 @@ def test_corrupt_converted_dir(ckpts, tmp_path):
     load_pretrained(conv)
 
 
-@pytest.mark.parametrize("layout,dtype", [("fp32", jnp.float32), ("bf16", jnp.bfloat16)])
+@pytest.mark.parametrize("layout,dtype", [("fp32", jnp.float32), ("bf16", jnp.bfloat16),
+                                          ("fp32-multi", jnp.float32)])
 def test_export_hf_round_trip(layout, dtype, ckpts, tmp_path):
   src = ckpts[layout]
   pre = load_pretrained(src, dtype=dtype)
@@ -193,7 +224,12 @@ def test_export_hf_round_trip(layout, dtype, ckpts, tmp_path):
     assert sorted(want) == sorted(got), rel
     for key in want:
       assert want[key].dtype == got[key].dtype and torch.equal(want[key], got[key]), key
-  assert json.loads((out / "linear_spec_lora" / "adapter_config.json").read_text())["r"] == RANK
+  adapter = json.loads((out / "linear_spec_lora" / "adapter_config.json").read_text())
+  assert adapter["r"] == RANK and adapter["lora_alpha"] == ALPHA
+  assert adapter["target_modules"] == list(MULTI if layout == "fp32-multi" else ("o_proj",))
+  umask = os.umask(0)
+  os.umask(umask)
+  assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # as a plain mkdir, not mkdtemp's 0700
   assert ModelConfig.from_hf_config(json.loads((out / "config.json").read_text())) == CFG
   assert (out / "tokenizer_config.json").is_file()
   assert _bitwise_equal(pre.model, load_pretrained(out, dtype=dtype).model)
@@ -256,8 +292,10 @@ CORRUPTIONS = {
     "missing-config": (lambda d: (d / "config.json").unlink(), "no config.json"),
     "bad-config": (lambda d: _set_config(d, hidden_act="gelu"), "config.json: unsupported hidden_act"),
     "no-weights": (lambda d: (d / W).unlink(), "neither model.safetensors nor"),
-    "adapter-targets": (lambda d: _set_adapter_config(d, target_modules=["q_proj", "o_proj"]),
-                        "target_modules"),
+    "adapter-targets": (lambda d: _set_adapter_config(d, target_modules=["qkv_proj", "o_proj"]),
+                        r"target_modules=\['qkv_proj', 'o_proj'\], expected a non-empty subset"),
+    "adapter-targets-tensors": (lambda d: _set_adapter_config(d, target_modules=["q_proj", "o_proj"]),
+                                "missing tensor 'base_model.model.encoder.layers.0.self_attn.q_proj"),
     "adapter-dora": (lambda d: _set_adapter_config(d, use_dora=True), "use_dora"),
     "adapter-rslora": (lambda d: _set_adapter_config(d, use_rslora=True), "use_rslora"),
     "adapter-bias": (lambda d: _set_adapter_config(d, bias="all"), "bias='all'"),

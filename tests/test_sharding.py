@@ -105,13 +105,29 @@ SPLIT_DIM = {
     "encoder/layers/self_attn/k_proj/kernel": 2,
     "encoder/layers/self_attn/v_proj/kernel": 2,
     "encoder/layers/self_attn/o_proj/kernel": 1,
-    "encoder/layers/self_attn/o_lora_a": 1,
-    "encoder/layers/self_attn/o_lora_b": None,
     "encoder/layers/mlp/gate_proj/kernel": 2,
     "encoder/layers/mlp/up_proj/kernel": 2,
     "encoder/layers/mlp/down_proj/kernel": 1,
+    # LoRA factors a [layers, in, r], b [layers, r, out]: split where their kernel is, the rank
+    # dimension replicated.
+    "encoder/layers/self_attn/q_proj/lora_a": None,
+    "encoder/layers/self_attn/q_proj/lora_b": 2,
+    "encoder/layers/self_attn/k_proj/lora_a": None,
+    "encoder/layers/self_attn/k_proj/lora_b": 2,
+    "encoder/layers/self_attn/v_proj/lora_a": None,
+    "encoder/layers/self_attn/v_proj/lora_b": 2,
+    "encoder/layers/self_attn/o_proj/lora_a": 1,
+    "encoder/layers/self_attn/o_proj/lora_b": None,
+    "encoder/layers/mlp/gate_proj/lora_a": None,
+    "encoder/layers/mlp/gate_proj/lora_b": 2,
+    "encoder/layers/mlp/up_proj/lora_a": None,
+    "encoder/layers/mlp/up_proj/lora_b": 2,
+    "encoder/layers/mlp/down_proj/lora_a": 1,
+    "encoder/layers/mlp/down_proj/lora_b": None,
 }
-KV_KERNELS = ("encoder/layers/self_attn/k_proj/kernel", "encoder/layers/self_attn/v_proj/kernel")
+KV_KERNELS = ("encoder/layers/self_attn/k_proj/kernel", "encoder/layers/self_attn/v_proj/kernel",
+              "encoder/layers/self_attn/k_proj/lora_b", "encoder/layers/self_attn/v_proj/lora_b")
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def split_dim(path: str, kv_replicated: bool) -> int | None:
@@ -127,7 +143,7 @@ def flat(tree) -> dict:
 def test_param_shardings_follow_megatron_layout(model_axis):
   cfg = preset("tiny")  # 2 kv heads: split on 2 devices, replicated on 4
   mesh = abstract_mesh(2, model_axis)
-  state = nnx.state(abstract_model(cfg, lora=LoRAConfig(rank=4, alpha=8.0)))
+  state = nnx.state(abstract_model(cfg, lora=LoRAConfig(rank=4, alpha=8.0, targets=ALL_TARGETS)))
   shardings = flat(shd.param_shardings(state, mesh, shd.mesh_rules(cfg, mesh)))
   shapes = flat(state)
   assert set(shardings) == set(SPLIT_DIM)

@@ -14,11 +14,12 @@ import pytest
 from flax import nnx
 
 from dllm_jax import LoRAConfig, NLDModel, preset
+from dllm_jax.model import lora_linears
 from dllm_jax.checkpoint import LORA_DIR, export_hf, load_pretrained
 from dllm_jax.training import data as data_lib
 from dllm_jax.training.export import export_peft_adapter
 from dllm_jax.training.objective import Objective
-from dllm_jax.training.optim import make_optimizer, wsd_schedule
+from dllm_jax.training.optim import init_lora, make_optimizer, wsd_schedule
 from dllm_jax.training.run import train
 from dllm_jax.training.trainer import Trainer
 
@@ -168,24 +169,77 @@ def test_bad_jsonl_line_is_named(tmp_path):
     data_lib.read_jsonl(path)
 
 
+TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")
+
+
 def test_peft_adapter_export_loads_back(tmp_path):
-  lora = LoRAConfig(4, 16)
+  """Adapters on several targets: PEFT names and shapes as spec §2.3, and a bit-exact reload."""
+  lora = LoRAConfig(4, 16, targets=TARGETS)
   model = NLDModel(CFG, lora=lora, rngs=nnx.Rngs(0))
-  attn = model.encoder.layers.self_attn
-  attn.o_lora_b[...] = jax.random.normal(jax.random.PRNGKey(1), attn.o_lora_b.shape)
+  for i, linear in enumerate(lora_linears(model).values()):
+    linear.lora_b[...] = jax.random.normal(jax.random.PRNGKey(1 + i), linear.lora_b.shape)
   base_dir = tmp_path / "hf"
   export_hf(NLDModel(CFG, rngs=nnx.Rngs(0)), base_dir)
   export_peft_adapter(model, base_dir / LORA_DIR)
+  umask = os.umask(0)
+  os.umask(umask)
+  for d in (base_dir, base_dir / LORA_DIR):  # as a plain mkdir would make them
+    assert (d.stat().st_mode & 0o777) == 0o777 & ~umask, d
   cfg = json.loads((base_dir / LORA_DIR / "adapter_config.json").read_text())
-  assert (cfg["r"], cfg["lora_alpha"], cfg["target_modules"]) == (4, 16, ["o_proj"])
+  assert (cfg["r"], cfg["lora_alpha"], cfg["target_modules"]) == (4, 16, list(TARGETS))
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   tensors = load_file(str(base_dir / LORA_DIR / "adapter_model.safetensors"))
-  key = "base_model.model.encoder.layers.1.self_attn.o_proj.lora_{}.weight"
-  q_width = CFG.num_heads * CFG.head_dim
-  assert tensors[key.format("A")].shape == (4, q_width)  # [r, in]
-  assert tensors[key.format("B")].shape == (CFG.hidden_size, 4)  # [out, r]
-  assert tensors[key.format("A")].dtype == np.float32
-  loaded = load_pretrained(base_dir, dtype=jnp.float32, lora="required").model
-  got = loaded.encoder.layers.self_attn
-  np.testing.assert_array_equal(got.o_lora_a[...], attn.o_lora_a[...])
-  np.testing.assert_array_equal(got.o_lora_b[...], attn.o_lora_b[...])
+  q_width, d, f = CFG.num_heads * CFG.head_dim, CFG.hidden_size, CFG.intermediate_size
+  widths = {"q_proj": (d, q_width), "v_proj": (d, CFG.num_kv_heads * CFG.head_dim),
+            "o_proj": (q_width, d), "down_proj": (f, d)}  # (in, out), written out from the spec
+  assert len(tensors) == 2 * len(TARGETS) * CFG.num_layers
+  for target, (d_in, d_out) in widths.items():
+    module = "mlp" if target == "down_proj" else "self_attn"
+    key = f"base_model.model.encoder.layers.1.{module}.{target}.lora_{{}}.weight"
+    assert tensors[key.format("A")].shape == (4, d_in)  # [r, in]
+    assert tensors[key.format("B")].shape == (d_out, 4)  # [out, r]
+    assert tensors[key.format("A")].dtype == np.float32
+  loaded = load_pretrained(base_dir, dtype=jnp.float32, lora="required")
+  assert loaded.lora == lora
+  want, got = lora_linears(model), lora_linears(loaded.model)
+  assert list(got) == list(TARGETS)
+  for target in TARGETS:
+    for name in ("lora_a", "lora_b"):
+      np.testing.assert_array_equal(getattr(got[target], name)[...],
+                                    getattr(want[target], name)[...], err_msg=target)
+
+
+def test_lora_only_training_on_several_targets(rng):
+  """trainable='lora': the base weights stay bit-identical, every adapter factor moves."""
+  model = NLDModel(CFG, lora=LoRAConfig(4, 16, targets=TARGETS), rngs=nnx.Rngs(0))
+  init_lora(model, jax.random.PRNGKey(1))
+  base_before = [np.asarray(x) for x in jax.tree.leaves(
+      nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))]
+  lora_before = {t: (np.asarray(l.lora_a[...]), np.asarray(l.lora_b[...]))
+                 for t, l in lora_linears(model).items()}
+  schedule = optax.constant_schedule(1e-2)
+  trainer = Trainer(model, Objective.from_model_config(CFG, paradigm="draft"),
+                    make_optimizer(schedule, weight_decay=0.0), trainable="lora")
+  tokens = counting_corpus(rng, 4, 16)
+  for _ in range(2):
+    trainer.step(tokens[None], np.ones((1, 4, 16), np.int32))
+  trained = trainer.model()
+  base_after = jax.tree.leaves(nnx.state(trained, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
+  assert len(base_after) == len(base_before)
+  for a, b in zip(base_before, base_after):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  for target, linear in lora_linears(trained).items():
+    a0, b0 = lora_before[target]
+    assert np.abs(np.asarray(linear.lora_a[...]) - a0).max() > 0, target
+    assert np.abs(np.asarray(linear.lora_b[...]) - b0).max() > 0, target
+
+
+def test_unknown_lora_target_is_named():
+  with pytest.raises(ValueError, match="'qkv_proj' is unknown") as e:
+    LoRAConfig(4, 16, targets=("q_proj", "qkv_proj"))
+  assert "\n" not in str(e.value)
+  config = runpy.run_path(str(CONFIGS / "train_tiny.py"))["get_config"]()
+  config.model.lora_rank = 4
+  config.model.lora_targets = "o_proj,gate"
+  with pytest.raises(ValueError, match="'gate' is unknown"):
+    train(config, encode=encode, log=lambda _: None)

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from dllm_jax import KVCache, LoRAConfig, NLDModel, preset
-from dllm_jax.model import forward
+from dllm_jax.model import forward, lora_linears
 from dllm_jax.training import objective as obj_lib
 
 BLOCK = 8
@@ -152,9 +152,10 @@ def test_block_diff_forward_equals_causal_and_cached_diffusion(model, rng):
 
 @pytest.mark.parametrize("blocks_per_pass", [None, 1])
 def test_draft_logits_equal_per_block_drafts(rng, blocks_per_pass):
-  lora_model = NLDModel(CFG, lora=LoRAConfig(4, 8), rngs=nnx.Rngs(1))
-  attn = lora_model.encoder.layers.self_attn
-  attn.o_lora_b[...] = 0.05 * jax.random.normal(jax.random.PRNGKey(2), attn.o_lora_b.shape)
+  lora = LoRAConfig(4, 8, targets=("q_proj", "v_proj", "o_proj", "down_proj"))
+  lora_model = NLDModel(CFG, lora=lora, rngs=nnx.Rngs(1))
+  for i, linear in enumerate(lora_linears(lora_model).values()):
+    linear.lora_b[...] = 0.05 * jax.random.normal(jax.random.PRNGKey(2 + i), linear.lora_b.shape)
   run = jitted(lora_model)
   b, n = 2, 16
   x = rng.integers(0, CFG.vocab_size, size=(b, n)).astype(np.int32)

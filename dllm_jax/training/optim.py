@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dllm_jax.model import NLDModel
+from dllm_jax.model import NLDModel, lora_linears
 
 TRAINABLE = ("full", "lora")
 
@@ -53,12 +53,14 @@ def make_optimizer(schedule: optax.Schedule, *, b1: float = 0.9, b2: float = 0.9
 
 
 def init_lora(model: NLDModel, key: jax.Array) -> None:
-  """PEFT's initialisation of a fresh adapter: A ~ U(+-1/sqrt(fan_in)) (kaiming a=sqrt(5)), B = 0.
+  """PEFT's initialisation of fresh adapters on every target: A ~ U(+-1/sqrt(fan_in)) (kaiming
+  a=sqrt(5)), B = 0.
 
   A zero A (as a checkpoint loader leaves an absent adapter) would give A and B zero gradients.
   """
-  attn = model.encoder.layers.self_attn
-  a = attn.o_lora_a
-  bound = 1.0 / jnp.sqrt(a.shape[-2])
-  a[...] = jax.random.uniform(key, a.shape, jnp.float32, -bound, bound)
-  attn.o_lora_b[...] = jnp.zeros(attn.o_lora_b.shape, jnp.float32)
+  linears = lora_linears(model)
+  for k, linear in zip(jax.random.split(key, len(linears)), linears.values()):
+    a = linear.lora_a
+    bound = 1.0 / jnp.sqrt(a.shape[-2])
+    a[...] = jax.random.uniform(k, a.shape, jnp.float32, -bound, bound)
+    linear.lora_b[...] = jnp.zeros(linear.lora_b.shape, jnp.float32)

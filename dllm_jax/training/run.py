@@ -2,7 +2,7 @@
 
 Config fields (see configs/train_*.py):
   seed
-  model.{init_from, preset, dtype, param_dtype, lora_rank, lora_alpha, overrides}
+  model.{init_from, preset, dtype, param_dtype, lora_rank, lora_alpha, lora_targets, overrides}
   objective.{paradigm, eps, ar_loss_weight, dlm_loss_weight, mask_token_id,
              draft_blocks_per_pass}
   data.{path, tokenizer, seq_len, batch_size, micro_batches, seed, prompts, gen_max_new_tokens,
@@ -60,7 +60,8 @@ def build_model(mc: ml_collections.ConfigDict, seed: int) -> Source:
   (PEFT initialisation) unless the checkpoint ships one.
   """
   dtype, param_dtype = jnp.dtype(mc.dtype), jnp.dtype(mc.param_dtype)
-  lora = LoRAConfig(mc.lora_rank, mc.lora_alpha) if mc.lora_rank else None
+  lora = (LoRAConfig(mc.lora_rank, mc.lora_alpha, _targets(mc.lora_targets))
+          if mc.lora_rank else None)
   overrides = mc.overrides.to_dict()
   if mc.init_from == EMBEDDED_NAME or mc.init_from.endswith(".gguf"):
     ckpt = load_gguf(embedded_default_path() if mc.init_from == EMBEDDED_NAME else mc.init_from)
@@ -76,6 +77,9 @@ def build_model(mc: ml_collections.ConfigDict, seed: int) -> Source:
     pre = load_pretrained(mc.init_from, dtype=dtype, param_dtype=param_dtype, lora=bool(lora),
                           progress=True)
     model = pre.model
+    if lora is not None and pre.lora is not None and pre.lora != lora:
+      raise ValueError(f"model.lora_* ask for {lora}, but {mc.init_from} ships an adapter "
+                       f"{pre.lora}; make them agree")
     if lora is not None and pre.lora is None:
       model = _with_fresh_lora(model, lora, seed)
     tokenizer = None
@@ -89,6 +93,13 @@ def build_model(mc: ml_collections.ConfigDict, seed: int) -> Source:
   if lora is not None:
     init_lora(model, jax.random.PRNGKey(seed + 1))
   return Source(model, None, None)
+
+
+def _targets(spec: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+  """model.lora_targets: "q_proj,v_proj,o_proj" (as on the command line) or a sequence."""
+  if isinstance(spec, str):
+    return tuple(t.strip() for t in spec.split(",") if t.strip())
+  return tuple(spec)
 
 
 def _with_fresh_lora(base: NLDModel, lora: LoRAConfig, seed: int) -> NLDModel:
