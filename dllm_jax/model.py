@@ -282,7 +282,7 @@ class NLDModel(nnx.Module):
 
   def __call__(self, tokens: jax.Array, *, mode: str = "causal", cache: KVCache | None = None,
                positions: jax.Array | None = None, n_new: jax.Array | None = None,
-               key_valid: jax.Array | None = None, lora: bool = False,
+               append: bool | None = None, key_valid: jax.Array | None = None, lora: bool = False,
                qscale_positions: jax.Array | None = None, impl: str | None = None,
                logits_at: jax.Array | None = None, return_hidden: bool = False):
     """tokens [B, T] -> (logits [B, T, V] in the compute dtype, cache).
@@ -292,6 +292,10 @@ class NLDModel(nnx.Module):
       scale when they differ from the RoPE positions (training uses 0..2n-1 over both halves).
     n_new: [B] number of leading input tokens per row that count as appended in causal-with-cache
       mode (ragged prefill; default T). All T are written, only n_new[b] become visible.
+    append: whether a call with a cache appends its K/V (default: causal appends, diffusion reads
+      only). diffusion + append=True is the bidirectional prefill of `causal_context=False`: the
+      input attends to the prefix and bidirectionally to itself (padding masked by key_valid), and
+      its K/V are written like a causal call's.
     key_valid: [B, T] key-padding mask for cache-less modes (and for the block in diffusion mode).
     lora: add the adapters' deltas on every targeted projection (the draft forward).
     logits_at: [B, K] input indices: return logits [B, K, V] at those positions only (a prefill
@@ -328,7 +332,9 @@ class NLDModel(nnx.Module):
 
     h = self.encoder.embed_tokens(tokens)
     layers_def, layers_state = nnx.split(self.encoder.layers)
-    write = cache is not None and mode == "causal"
+    write = cache is not None and (mode == "causal" if append is None else append)
+    if append and (cache is None or mode == "block_diff"):
+      raise ValueError(f"append=True needs a cache and mode causal or diffusion, got mode={mode!r}")
 
     def layer_body(carry, xs):
       h, kbuf, vbuf = carry
@@ -340,9 +346,10 @@ class NLDModel(nnx.Module):
         if write:
           kbuf = write_layer(kbuf, idx, k, offsets)
           vbuf = write_layer(vbuf, idx, v, offsets)
+        if write and mode == "causal":
           o = attn_lib.attention(q, kbuf[idx], vbuf[idx], mask="causal", q_offset=offsets,
                                  impl=impl)
-        elif cache is not None:  # diffusion against the read-only prefix
+        elif cache is not None:  # diffusion against the prefix (slots < offsets) + the block
           o = attn_lib.attention(q, kbuf[idx], vbuf[idx], mask="prefix", kv_len=offsets,
                                  block_k=k, block_v=v, key_valid=key_valid, impl=impl)
         elif mode == "causal":

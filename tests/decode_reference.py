@@ -25,9 +25,10 @@ from dllm_jax.kv_cache import KVCache
 from dllm_jax.model import forward
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "lora"))
-def _call(graphdef, state, tokens, cache, n_new, *, mode, lora=False):
-  return forward(graphdef, state, tokens, mode=mode, cache=cache, n_new=n_new, lora=lora)
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "lora", "append"))
+def _call(graphdef, state, tokens, cache, n_new, key_valid=None, *, mode, lora=False, append=None):
+  return forward(graphdef, state, tokens, mode=mode, cache=cache, n_new=n_new, lora=lora,
+                 append=append, key_valid=key_valid)
 
 
 class Eager:
@@ -42,8 +43,11 @@ class Eager:
                           None, mode=mode, lora=lora)
     return np.asarray(logits[0]), cache
 
-  def prefill(self, prompt, cache, pad_to):
-    """Causal prefill of the prompt right-padded to `pad_to` tokens (only the prompt is appended).
+  def prefill(self, prompt, cache, pad_to, bidirectional=False):
+    """Prefill of the prompt right-padded to `pad_to` tokens (only the prompt is appended).
+
+    Causal, or with `bidirectional` (causal_context=False) every prompt token sees the whole
+    prompt and no padding.
 
     Padding changes no value the prompt tokens see, but it gives the prefill the same shape as
     the engine's bucketed one, so that both run the same float operations: the confidences of
@@ -51,8 +55,13 @@ class Eager:
     reorder them.
     """
     tokens = jnp.asarray([list(prompt) + [0] * (pad_to - len(prompt))], jnp.int32)
-    logits, cache = _call(self.graphdef, self.state, tokens, cache,
-                          jnp.asarray([len(prompt)], jnp.int32), mode="causal")
+    n_new = jnp.asarray([len(prompt)], jnp.int32)
+    if bidirectional:
+      valid = jnp.arange(pad_to)[None, :] < len(prompt)
+      logits, cache = _call(self.graphdef, self.state, tokens, cache, n_new, valid,
+                            mode="diffusion", append=True)
+    else:
+      logits, cache = _call(self.graphdef, self.state, tokens, cache, n_new, mode="causal")
     return np.asarray(logits[0, :len(prompt)]), cache
 
 
@@ -77,16 +86,21 @@ def first_index(xs: list[int], value: int) -> int | None:
 
 
 def block_diffusion(model: Eager, prompt, *, max_new_tokens, block_length, threshold, temperature,
-                    seed, eos, max_thinking_tokens, end_think, cache_len, pad_to, mask_id):
-  """spec §5.1 with causal_context=True. Returns (generated ids, nfe)."""
+                    seed, eos, max_thinking_tokens, end_think, cache_len, pad_to, mask_id,
+                    causal_context=True):
+  """spec §5.1. Returns (generated ids, nfe).
+
+  causal_context=False: the prefill runs bidirectionally (still writing the cache), no seed is
+  used and every block starts all-MASK; commits stay causal.
+  """
   size, p_len = block_length, len(prompt)
   cache = KVCache.init(model.cfg, 1, cache_len)
-  logits, cache = model.prefill(prompt, cache, pad_to)
+  logits, cache = model.prefill(prompt, cache, pad_to, bidirectional=not causal_context)
   seed_tok = sample(logits[-1:], temperature, seed, 0)[0]
   x, nfe = list(prompt), 0
   for k in range(max_new_tokens // size):
     start = p_len + k * size
-    x += [seed_tok] + [mask_id] * (size - 1)
+    x += ([seed_tok] if causal_context else [mask_id]) + [mask_id] * (size - 1)
     if end_think is not None and max_thinking_tokens is not None:
       if (k + 1) * size > max_thinking_tokens and end_think not in x[p_len:start]:
         x[start + max(0, max_thinking_tokens - k * size)] = end_think

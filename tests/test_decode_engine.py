@@ -118,7 +118,6 @@ def test_argument_errors(model):
       (dict(mode="diffusion", max_new_tokens=30, block_length=8), "multiple of block_length"),
       (dict(block_length=0), "block_length"),
       (dict(mode="ar", max_new_tokens=2000), "max_position_embeddings"),
-      (dict(mode="diffusion", causal_context=False), "causal_context"),
   ]
   for kw, words in cases:
     with pytest.raises(ValueError, match=words):

@@ -76,6 +76,22 @@ def test_block_diffusion_matches_reference(model, eager):
   assert stats["mid_block_eos"] >= 2, stats
 
 
+def test_block_diffusion_without_causal_context_matches_reference(model, eager):
+  differs = []
+  for block_length, threshold, prompt in [(8, 0.9, PROMPTS[0]), (4, None, PROMPTS[2]),
+                                          (32, 0.5, PROMPTS[1])]:
+    kw = dict(max_new_tokens=N, block_length=block_length, threshold=threshold)
+    want, want_nfe = ref.block_diffusion(
+        eager, prompt, temperature=0.0, seed=0, **_shapes(prompt, block_length), mask_id=MASK,
+        causal_context=False, **_knobs(EOS, None), **kw)
+    got = generate(model, [prompt], mode="diffusion", causal_context=False,
+                   **_engine_knobs(EOS, None), **kw)
+    assert (got.tokens[0], got.nfe[0]) == (want, want_nfe), (block_length, threshold)
+    with_context = generate(model, [prompt], mode="diffusion", **_engine_knobs(EOS, None), **kw)
+    differs.append((got.tokens[0], got.nfe[0]) != (with_context.tokens[0], with_context.nfe[0]))
+  assert any(differs)  # the switch really changes the decode
+
+
 def test_autoregressive_matches_reference(model, eager):
   for prompt, (eos, think) in itertools.product(PROMPTS, EOS_THINK):
     want, want_nfe = ref.autoregressive(eager, prompt, max_new_tokens=N, temperature=0.0, seed=0,

@@ -115,9 +115,6 @@ def _settings(model, prompts, *, mode, max_new_tokens, block_length, threshold, 
   if mode != "ar" and cfg.mask_token_id is None:
     raise ValueError(f"mode={mode!r} needs a mask token, but the model config has "
                      "mask_token_id=None")
-  if mode == "diffusion" and not causal_context:
-    raise ValueError("causal_context=False is not supported: it needs a bidirectional forward "
-                     "that writes the cache, which the model does not provide")
   if threshold is _DEFAULT:
     threshold = 0.0 if mode == "spec" else 0.9
   if mode != "diffusion":  # AR ignores it; spec: None means 0 (fill the draft in one forward)
@@ -142,7 +139,8 @@ def _settings(model, prompts, *, mode, max_new_tokens, block_length, threshold, 
       block_length=1 if mode == "ar" else block_length,  # AR has no blocks: keep one program
       greedy=temperature == 0,
       mask_id=-1 if cfg.mask_token_id is None else int(cfg.mask_token_id),
-      draft_lora=mode == "spec" and (has_lora if draft_lora is None else bool(draft_lora)))
+      draft_lora=mode == "spec" and (has_lora if draft_lora is None else bool(draft_lora)),
+      causal_context=mode != "diffusion" or bool(causal_context))
   eos = np.full((MAX_EOS,), -1, np.int32)
   eos[:len(eos_token_ids)] = eos_token_ids
   use_threshold = (threshold is not None) if mode == "diffusion" else threshold > 0
@@ -177,8 +175,8 @@ def _ctx(graphdef, settings, state, knobs) -> Ctx:
   return Ctx(graphdef, state, settings, seed_key=jax.random.PRNGKey(k.pop("seed")), **k)
 
 
-def _prefill(graphdef, cache_len, cache_sharding, state, tokens, lengths):
-  return prefill(graphdef, state, tokens, lengths, cache_len, cache_sharding)
+def _prefill(graphdef, cache_len, cache_sharding, bidirectional, state, tokens, lengths):
+  return prefill(graphdef, state, tokens, lengths, cache_len, cache_sharding, bidirectional)
 
 
 def _decode(graphdef, settings, state, last_logits, cache, knobs):
@@ -203,7 +201,7 @@ def _step(graphdef, settings, state, carry, knobs):
 
 
 _JITTED = {
-    "prefill": jax.jit(_prefill, static_argnums=(0, 1, 2)),
+    "prefill": jax.jit(_prefill, static_argnums=(0, 1, 2, 3)),
     "decode": jax.jit(_decode, static_argnums=(0, 1), donate_argnums=(4,)),
     "init": jax.jit(_init, static_argnums=(0, 1), donate_argnums=(4,)),
     "step": jax.jit(_step, static_argnums=(0, 1), donate_argnums=(3,)),
@@ -221,7 +219,7 @@ class _Runner:
 
   def __init__(self, graphdef, settings: Settings, cache_len: int, cache_sharding, mesh):
     self.mesh = mesh
-    self.statics = {"prefill": (graphdef, cache_len, cache_sharding),
+    self.statics = {"prefill": (graphdef, cache_len, cache_sharding, not settings.causal_context),
                     "decode": (graphdef, settings), "init": (graphdef, settings),
                     "step": (graphdef, settings)}
     self._pending = 0.0

@@ -1,6 +1,7 @@
 """Block diffusion decoding (spec §5.1), batched with per-row EOS.
 
-One `step` is one block for every running row: build [seed, MASK, ...], apply the thinking budget,
+One `step` is one block for every running row: build [seed, MASK, ...] (all MASK with
+causal_context=False, whose prefill was bidirectional), apply the thinking budget,
 denoise in diffusion mode against the read-only cache (inner while_loop, at most B steps), then one
 causal commit forward that appends the block to the cache and yields the next seed. Rows leave the
 denoising loop on their own (no MASK left, or an EOS with no MASK before it) and leave the block
@@ -92,7 +93,9 @@ def step(ctx: Ctx, c: dict) -> dict:
   s = ctx.settings
   size, k, live = s.block_length, c["block"], ~c["done"]
   batch = live.shape[0]
-  x = jnp.full((batch, size), s.mask_id, jnp.int32).at[:, 0].set(c["seed"])
+  x = jnp.full((batch, size), s.mask_id, jnp.int32)
+  if s.causal_context:  # without it the block starts all-MASK (spec §5.1 step 2a)
+    x = x.at[:, 0].set(c["seed"])
   x = _inject_end_think(ctx, x, k, c["seen"])
   x, nfe = _denoise(ctx, c["cache"], x, live, k, c["nfe"])
   logits, cache = ctx.model(x, mode="causal", cache=c["cache"],

@@ -44,6 +44,7 @@ class Settings:
   greedy: bool
   mask_id: int
   draft_lora: bool
+  causal_context: bool = True  # diffusion only: False = bidirectional prefill, blocks start all-MASK
 
   @property
   def out_width(self) -> int:
@@ -118,16 +119,24 @@ def cache_length(bucket: int, max_new_tokens: int, block_length: int) -> int:
 
 
 def prefill(graphdef: nnx.GraphDef, state: Any, tokens: jax.Array, lengths: jax.Array,
-            cache_len: int, cache_sharding: tuple | None) -> tuple[jax.Array, KVCache]:
-  """Causal prefill of right-padded prompts: (logits at each row's last prompt token [B, V], cache).
+            cache_len: int, cache_sharding: tuple | None, bidirectional: bool = False
+            ) -> tuple[jax.Array, KVCache]:
+  """Prefill of right-padded prompts: (logits at each row's last prompt token [B, V], cache).
 
-  Padding slots are written but stay beyond each row's length, so no later query sees them.
-  cache_sharding: (k, v, lengths) shardings (a hashable tuple: this is a jit static argument).
+  Causal by default; `bidirectional` (diffusion with causal_context=False) lets every prompt token
+  see the whole prompt, padding excluded. Padding slots are written but stay beyond each row's
+  length, so no later query sees them. cache_sharding: (k, v, lengths) shardings (a hashable
+  tuple: this is a jit static argument).
   """
   model = nnx.merge(graphdef, state)
   cache = KVCache.init(model.cfg, tokens.shape[0], cache_len, model.dtype)
   if cache_sharding is not None:
     cache = jax.lax.with_sharding_constraint(cache, KVCache(*cache_sharding))
-  logits, cache = model(tokens, mode="causal", cache=cache, n_new=lengths,
-                        logits_at=(lengths - 1)[:, None])
+  if bidirectional:
+    valid = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    logits, cache = model(tokens, mode="diffusion", cache=cache, n_new=lengths, append=True,
+                          key_valid=valid, logits_at=(lengths - 1)[:, None])
+  else:
+    logits, cache = model(tokens, mode="causal", cache=cache, n_new=lengths,
+                          logits_at=(lengths - 1)[:, None])
   return logits[:, 0], cache
