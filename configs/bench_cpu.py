@@ -2,9 +2,9 @@
 
   python scripts/bench.py --config=configs/bench_cpu.py --json=bench_cpu.json
 
-Sized to finish in about ten minutes on two cores. Random weights give near-uniform logits, so
-diffusion commits one token per denoising step at τ = 0.9 and speculation accepts about one token
-per round: the worst case for tokens per forward, and the same work on both sides of the race.
+Sized to finish in about three minutes on two quiet cores. Random weights give near-uniform
+logits, so diffusion commits one token per denoising step at τ = 0.9 and speculation accepts about
+one token per round: the worst case for tokens per forward, and the same work on both sides.
 """
 
 import ml_collections
