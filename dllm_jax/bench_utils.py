@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dllm_jax.checkpoint import hf_tensor_shapes
 from dllm_jax.config import ModelConfig
 from dllm_jax.kv_cache import KVCache
 from dllm_jax.model import NLDModel, forward
@@ -109,21 +110,8 @@ def random_llama_tensors(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
   implementations must apply them.
   """
   rng = np.random.default_rng(seed)
-  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  d, f = cfg.hidden_size, cfg.intermediate_size
-  shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
-  for i in range(cfg.num_layers):
-    p = f"model.layers.{i}."
-    shapes.update({
-        p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-        p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-        p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-        p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
-        p + "mlp.down_proj.weight": (d, f)})
-  if not cfg.tie_word_embeddings:
-    shapes["lm_head.weight"] = (cfg.vocab_size, d)
   out = {}
-  for name, shape in shapes.items():
+  for name, shape in hf_tensor_shapes(cfg, naming="llama").items():
     x = rng.standard_normal(shape, dtype=np.float32)
     out[name] = (1.0 + 0.1 * x) if name.endswith("norm.weight") else 0.02 * x
   return out

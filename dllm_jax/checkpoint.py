@@ -150,6 +150,13 @@ def _hf_shape(state, rule: KeyRule, layer: int | None) -> tuple[int, ...]:
   return shape[::-1] if rule.transpose else shape
 
 
+def hf_tensor_shapes(cfg: ModelConfig, naming: str = "nld") -> dict[str, tuple[int, ...]]:
+  """Every HF key of a checkpoint for `cfg` -> its PyTorch-layout shape (from the key table)."""
+  state = nnx.state(abstract_model(cfg))
+  return {key: _hf_shape(state, rule, layer)
+          for key, (rule, layer) in expected_hf_keys(cfg, naming).items()}
+
+
 def _check_key_sets(found: Iterable[str], expected: Mapping[str, Any], where: str) -> None:
   found_keys = set(found)
   missing = sorted(set(expected) - found_keys)
@@ -288,11 +295,18 @@ class TensorReader:
 def _check_headers(infos: Mapping[str, TensorInfo], expected: Mapping[str, tuple[KeyRule, int | None]],
                    state) -> None:
   """Shapes and dtypes from the headers against the abstract model, before any data is read."""
+  _check_header_shapes(infos, expected, state, "config.json implies")
+
+
+def _check_header_shapes(infos: Mapping[str, TensorInfo],
+                         expected: Mapping[str, tuple[KeyRule, int | None]], state,
+                         source: str) -> None:
+  """One-line errors naming key, file and both shapes; `source` says where the expectation is from."""
   for key, (rule, layer) in expected.items():
     info, want = infos[key], _hf_shape(state, rule, layer)
     if info.shape != want:
       raise CheckpointError(f"tensor {key!r} in {info.file.name} has shape {info.shape}, but "
-                            f"config.json implies {want}")
+                            f"{source} {want}")
     if info.dtype not in _ST_FLOAT:
       raise CheckpointError(f"tensor {key!r} in {info.file.name} has dtype {info.dtype}, "
                             f"expected one of {', '.join(_ST_FLOAT)}")
@@ -509,13 +523,8 @@ def _adapter_headers(adapter_dir: Path, cfg: ModelConfig, lora: LoRAConfig, nami
   infos = read_safetensors_header(Path(adapter_dir) / ADAPTER_WEIGHTS)
   expected = expected_lora_keys(cfg, lora, naming)
   _check_key_sets(infos, expected, str(Path(adapter_dir) / ADAPTER_WEIGHTS))
-  for key, (rule, layer) in expected.items():
-    info, want = infos[key], _hf_shape(state, rule, layer)
-    if info.shape != want:
-      raise CheckpointError(f"tensor {key!r} in {info.file} has shape {info.shape}, expected "
-                            f"{want} (rank from {ADAPTER_CONFIG}, widths from config.json)")
-    if info.dtype not in _ST_FLOAT:
-      raise CheckpointError(f"tensor {key!r} in {info.file} has dtype {info.dtype}, expected F32")
+  _check_header_shapes(infos, expected, state,
+                       f"the rank in {ADAPTER_CONFIG} and the widths in config.json imply")
   return infos, expected
 
 

@@ -301,7 +301,7 @@ CORRUPTIONS = {
     "adapter-bias": (lambda d: _set_adapter_config(d, bias="all"), "bias='all'"),
     "adapter-rank": (lambda d: _set_adapter_config(d, r=RANK * 2),
                      r"lora_A.weight' in .*adapter_model.safetensors has shape \(8, 128\), "
-                     r"expected \(16, 128\)"),
+                     r"but the rank in adapter_config.json .* imply \(16, 128\)"),
     "adapter-missing-key": (lambda d: _rewrite(d / A, lambda t: t.pop(
         "base_model.model.encoder.layers.1.self_attn.o_proj.lora_B.weight")),
                             "missing tensor 'base_model.model.encoder.layers.1"),

@@ -13,6 +13,8 @@ import pathlib
 
 import numpy as np
 
+from dllm_jax.checkpoint import hf_tensor_shapes
+
 SPECIAL = {0: "<unk>", 1: "<s>", 2: "</s>", 10: "<|im_start|>", 11: "<|im_end|>", 12: "<think>",
            13: "</think>", 100: "[MASK]"}
 WORDS = ["\n", "system", "user", "assistant", "the", "sea", "is", "blue", "what", "why", "sky",
@@ -53,23 +55,6 @@ def write_tokenizer(directory: pathlib.Path, size: int = 256) -> None:
   (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
-def nld_tensor_shapes(cfg) -> dict[str, tuple[int, ...]]:
-  """NLD checkpoint keys and PyTorch [out, in] shapes (spec §2.2)."""
-  d, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, \
-      cfg.num_kv_heads * cfg.head_dim
-  shapes = {"encoder.embed_tokens.weight": (cfg.vocab_size, d), "encoder.norm.weight": (d,),
-            "diffusion_head.weight": (cfg.vocab_size, d)}
-  for i in range(cfg.num_layers):
-    p = f"encoder.layers.{i}."
-    shapes.update({
-        p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-        p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-        p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-        p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
-        p + "mlp.down_proj.weight": (d, f)})
-  return shapes
-
-
 def write_checkpoint(directory: pathlib.Path, cfg=None, seed: int = 0) -> pathlib.Path:
   """config.json + model.safetensors (random fp32 weights) + tokenizer files."""
   from safetensors.numpy import save_file
@@ -79,7 +64,7 @@ def write_checkpoint(directory: pathlib.Path, cfg=None, seed: int = 0) -> pathli
   (directory / "config.json").write_text(json.dumps(cfg.to_hf_config()))
   rng = np.random.default_rng(seed)
   tensors = {}
-  for key, shape in nld_tensor_shapes(cfg).items():
+  for key, shape in hf_tensor_shapes(cfg).items():
     if key.endswith("norm.weight"):
       tensors[key] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
     else:
