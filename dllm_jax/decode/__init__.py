@@ -49,6 +49,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, mode: str =
     (0 = fill the whole draft in one forward). Default 0.9 (diffusion) / 0.0 (spec).
   eos_token_ids: int or ids; default model.cfg.eos_token_ids; () disables EOS stopping.
   max_thinking_tokens, end_think_token_id: the thinking budget, active only when both are given.
+  causal_context: diffusion only. False prefills the prompt bidirectionally and starts every block
+    all-MASK instead of with the causally predicted seed (spec §5.1); commits stay causal.
   draft_lora: use the model's draft LoRA in spec drafts; None = use it if the model has one.
   mesh: a ("data", "model") mesh from dllm_jax.sharding.make_mesh with the model already placed on
     it (sharding.shard_model): prompts and cache are split over "data", kv heads over "model".
