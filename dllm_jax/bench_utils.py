@@ -26,7 +26,8 @@ from flax import nnx
 from dllm_jax.checkpoint import hf_tensor_shapes
 from dllm_jax.config import ModelConfig
 from dllm_jax.kv_cache import KVCache
-from dllm_jax.model import NLDModel, forward
+from dllm_jax.decode import unroll_layers_by_default
+from dllm_jax.model import NLDModel, forward, unstack_layers
 
 # --- timing and memory ----------------------------------------------------------------------------
 
@@ -170,20 +171,23 @@ def time_forward(model: NLDModel, kind: str, shape: ForwardShape, *, warmup: int
   """
   mode, lora = FORWARD_KINDS[kind]
   graphdef, state = nnx.split(model)
+  # The same layer layout as the engine, so that "overhead" compares like with like.
+  layer_states = unstack_layers(model) if unroll_layers_by_default() else None
   cfg = model.cfg
   cache = KVCache.init(cfg, shape.batch, shape.cache_len, model.dtype)
   tokens = jnp.full((shape.batch, shape.tokens), cfg.mask_token_id or 0, jnp.int32)
 
-  def step(state, tokens, cache):
-    logits, cache = forward(graphdef, state, tokens, mode=mode, cache=cache, lora=lora)
+  def step(state, layer_states, tokens, cache):
+    logits, cache = forward(graphdef, state, tokens, mode=mode, cache=cache, lora=lora,
+                            layer_states=layer_states)
     # Reset the length so every call sees the same context (a causal forward appended `tokens`).
     return logits, cache.with_lengths(jnp.full((shape.batch,), shape.context, jnp.int32))
 
-  step = jax.jit(step, donate_argnums=(2,))
+  step = jax.jit(step, donate_argnums=(3,))
   holder = {"cache": cache.with_lengths(jnp.full((shape.batch,), shape.context, jnp.int32))}
 
   def call():
-    logits, holder["cache"] = step(state, tokens, holder["cache"])
+    logits, holder["cache"] = step(state, layer_states, tokens, holder["cache"])
     return logits
 
   return timed(call, warmup=warmup, repeats=repeats)

@@ -68,6 +68,14 @@ def test_speculation_stays_greedy_when_the_seed_is_the_mask_id():
     assert tokens[:N] == want[b] and len(tokens) < N + 8, b
 
 
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
+def test_unrolled_layers_equal_scanned_layers(model, mode):
+  kw = dict(mode=mode, max_new_tokens=N, block_length=8, eos_token_ids=EOS)
+  scanned = generate(model, BATCH, unroll_layers=False, **kw)
+  unrolled = generate(model, BATCH, unroll_layers=True, **kw)
+  assert (unrolled.tokens, unrolled.nfe) == (scanned.tokens, scanned.nfe)
+
+
 def test_lora_changes_the_draft(model):
   kw = dict(mode="spec", max_new_tokens=N, block_length=8, eos_token_ids=())
   with_lora = generate(model, BATCH, draft_lora=True, **kw)

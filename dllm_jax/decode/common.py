@@ -69,9 +69,10 @@ class Ctx:
   eos_ids: jax.Array
   think_budget: jax.Array
   end_think_id: jax.Array
+  layer_states: Any = None  # per-layer parameters (unrolled layers), or None (scanned)
 
   def model(self, tokens: jax.Array, **kw):
-    return forward(self.graphdef, self.state, tokens, **kw)
+    return forward(self.graphdef, self.state, tokens, layer_states=self.layer_states, **kw)
 
 
 @dataclasses.dataclass
@@ -119,8 +120,8 @@ def cache_length(bucket: int, max_new_tokens: int, block_length: int) -> int:
 
 
 def prefill(graphdef: nnx.GraphDef, state: Any, tokens: jax.Array, lengths: jax.Array,
-            cache_len: int, cache_sharding: tuple | None, bidirectional: bool = False
-            ) -> tuple[jax.Array, KVCache]:
+            cache_len: int, cache_sharding: tuple | None, bidirectional: bool = False,
+            layer_states: Any = None) -> tuple[jax.Array, KVCache]:
   """Prefill of right-padded prompts: (logits at each row's last prompt token [B, V], cache).
 
   Causal by default; `bidirectional` (diffusion with causal_context=False) lets every prompt token
@@ -135,8 +136,9 @@ def prefill(graphdef: nnx.GraphDef, state: Any, tokens: jax.Array, lengths: jax.
   if bidirectional:
     valid = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
     logits, cache = model(tokens, mode="diffusion", cache=cache, n_new=lengths, append=True,
-                          key_valid=valid, logits_at=(lengths - 1)[:, None])
+                          key_valid=valid, logits_at=(lengths - 1)[:, None],
+                          layer_states=layer_states)
   else:
     logits, cache = model(tokens, mode="causal", cache=cache, n_new=lengths,
-                          logits_at=(lengths - 1)[:, None])
+                          logits_at=(lengths - 1)[:, None], layer_states=layer_states)
   return logits[:, 0], cache
