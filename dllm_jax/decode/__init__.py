@@ -15,6 +15,7 @@ the same step function runs jitted from a Python loop and ids are streamed as th
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,10 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dllm_jax.decode import ar, block_diffusion, speculative
 from dllm_jax.decode.common import (MAX_EOS, NO_BUDGET, Ctx, GenerateResult, Settings,
                                     bucket_length, cache_length, pad_prompts, prefill)
+from dllm_jax.kv_cache import KVCache
 from dllm_jax.model import unstack_layers
 from dllm_jax.sharding import gather
 
@@ -222,12 +225,14 @@ def _step(graphdef, settings, params, carry, knobs):
   return carry, m.running(ctx, carry)
 
 
-_JITTED = {
-    "prefill": jax.jit(_prefill, static_argnums=(0, 1, 2, 3)),
-    "decode": jax.jit(_decode, static_argnums=(0, 1), donate_argnums=(4,)),
-    "init": jax.jit(_init, static_argnums=(0, 1), donate_argnums=(4,)),
-    "step": jax.jit(_step, static_argnums=(0, 1), donate_argnums=(3,)),
+_PROGRAMS = {  # name -> (function, static_argnums, donate_argnums); the cache is always donated
+    "prefill": (_prefill, (0, 1, 2, 3), ()),
+    "decode": (_decode, (0, 1), (4,)),
+    "init": (_init, (0, 1), (4,)),
+    "step": (_step, (0, 1), (3,)),
 }
+_JITTED = {name: jax.jit(fn, static_argnums=static, donate_argnums=donate)
+           for name, (fn, static, donate) in _PROGRAMS.items()}
 _COMPILED: dict[tuple, Any] = {}
 
 
@@ -240,7 +245,7 @@ class _Runner:
   """Compiles each program once per (settings, shapes, shardings) and times the compilations."""
 
   def __init__(self, graphdef, settings: Settings, cache_len: int, cache_sharding, mesh):
-    self.mesh = mesh
+    self.mesh, self.cache_sharding = mesh, cache_sharding
     self.statics = {"prefill": (graphdef, cache_len, cache_sharding, not settings.causal_context),
                     "decode": (graphdef, settings), "init": (graphdef, settings),
                     "step": (graphdef, settings)}
@@ -256,12 +261,33 @@ class _Runner:
       start = time.perf_counter()
       # Under the mesh context, attention kernels run in shard_map on local shards only.
       with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+        if self.mesh is not None:
+          jitted = self._sharded_jit(name, statics, args)
         exe = jitted.lower(*statics, *args).compile()
       spent = time.perf_counter() - start
       self._pending += spent
       self.compile_seconds_total += spent
       _COMPILED[key] = exe
     return exe(*args)
+
+  def _sharded_jit(self, name: str, statics: tuple, args: tuple):
+    """The program jitted with explicit shardings: inputs as placed; outputs: the cache on its
+    cache sharding, per-row arrays (leading batch axis) over "data", scalars replicated."""
+    fn, static, donate = _PROGRAMS[name]
+    out = jax.eval_shape(functools.partial(fn, *statics), *args)
+    batch = self.cache_sharding[2]  # the lengths' sharding: [batch] over "data"
+
+    def out_sharding(x):
+      if isinstance(x, KVCache):
+        return KVCache(*self.cache_sharding)
+      if x.ndim == 0:
+        return NamedSharding(self.mesh, PartitionSpec())
+      return NamedSharding(self.mesh, PartitionSpec(*batch.spec, *([None] * (x.ndim - 1))))
+
+    return jax.jit(fn, static_argnums=static, donate_argnums=donate,
+                   in_shardings=jax.tree.map(lambda x: x.sharding, args),
+                   out_shardings=jax.tree.map(out_sharding, out,
+                                              is_leaf=lambda x: isinstance(x, KVCache)))
 
   def take_compile_seconds(self) -> float:
     spent, self._pending = self._pending, 0.0
