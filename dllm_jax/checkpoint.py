@@ -620,11 +620,25 @@ def _abstract_target(tree: Mapping[str, Any], shard_of, path=()) -> dict[str, An
           for k, v in tree.items()}
 
 
-def _apply_umask(directory: Path) -> None:
-  """Gives a `tempfile.mkdtemp` directory (always 0700) the mode a plain mkdir would give it."""
+def _umask() -> int:
   umask = os.umask(0)
   os.umask(umask)
-  os.chmod(directory, 0o777 & ~umask)
+  return umask
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` through a temp file beside `path` and a rename: the file appears complete or
+  not at all, with the permissions a plain open() would give it (not mkstemp's 0600)."""
+  path = Path(path).absolute()
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
 
 
 @contextlib.contextmanager
@@ -641,7 +655,7 @@ def atomic_dir(out_dir: str | os.PathLike, *, replace: bool = False):
   tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
   try:
     yield tmp
-    _apply_umask(tmp)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> what a plain mkdir gives
     if replace and out_dir.exists():
       shutil.rmtree(out_dir)
     os.rename(tmp, out_dir)

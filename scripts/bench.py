@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from dllm_jax import bench_utils as bu
-from dllm_jax.checkpoint import model_from_state_dict
+from dllm_jax.checkpoint import model_from_state_dict, write_text_atomic
 from dllm_jax.config import ModelConfig, preset
 from dllm_jax.decode import generate
 from dllm_jax.decode.common import bucket_length
@@ -461,10 +461,7 @@ def _plain(x: Any) -> Any:
 
 def write_json(report: dict[str, Any], path: str) -> None:
   """Writes via a temporary file, so a failed run never leaves a truncated report behind."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(_plain(report), f, indent=1)
-  os.replace(tmp, path)
+  write_text_atomic(path, json.dumps(_plain(report), indent=1))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -356,15 +355,8 @@ def write_json(path: str, record: dict[str, Any]) -> None:
   if path == "-":
     sys.stdout.write(text)
     return
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".generate-", suffix=".json.tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  from dllm_jax.checkpoint import write_text_atomic  # pylint: disable=g-import-not-at-top
+  write_text_atomic(path, text)
 
 
 # --- main -----------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 import json
 import os
-import tempfile
 from typing import Any
 
+from dllm_jax.checkpoint import write_text_atomic
 from dllm_jax.decode import generate
 from dllm_jax.model import NLDModel
 from dllm_jax.tokenizer import TextTokenizer
@@ -49,12 +49,5 @@ def write_self_generated(prompts_path: str, out_path: str, model: NLDModel,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, log=log)
   directory = os.path.dirname(os.path.abspath(out_path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".selfgen-", suffix=".jsonl", dir=directory)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for ex in examples:
-        f.write(json.dumps(ex, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  write_text_atomic(out_path, "".join(json.dumps(ex, ensure_ascii=False) + "\n"
+                                      for ex in examples))
