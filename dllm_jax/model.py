@@ -285,8 +285,7 @@ class NLDModel(nnx.Module):
                positions: jax.Array | None = None, n_new: jax.Array | None = None,
                append: bool | None = None, key_valid: jax.Array | None = None, lora: bool = False,
                qscale_positions: jax.Array | None = None, impl: str | None = None,
-               logits_at: jax.Array | None = None, layer_states: list | None = None,
-               return_hidden: bool = False):
+               logits_at: jax.Array | None = None, layer_states: list | None = None):
     """tokens [B, T] -> (logits [B, T, V] in the compute dtype, cache).
 
     positions: absolute positions [B, T]; default: cache length + arange(T) (0.. without cache;
@@ -381,8 +380,6 @@ class NLDModel(nnx.Module):
     z = self.encoder.norm(h)
     if logits_at is not None:
       z = jnp.take_along_axis(z, logits_at[:, :, None], axis=1)
-    if return_hidden:
-      return z
     if cfg.tie_word_embeddings:
       logits = self.encoder.embed_tokens.attend(z)
     else:
