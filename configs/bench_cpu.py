@@ -47,4 +47,7 @@ def roofline_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       presets=("nld-3b", "nld-8b"), overrides={}, dtype="bfloat16", batch_sizes=(1, 8),
       context=1024, block_length=32, repeats=20, copy_mib=2048, torch=True,
-      allow_cpu=False))
+      allow_cpu=False, forwards=("ar", "denoise", "commit"),
+      # "auto" (the engine's layout on this platform), "scan" and/or "unrolled" (per-layer
+      # weight buffers, dllm_jax.model.unstack_layers): rows for each.
+      layer_layouts=("auto",)))

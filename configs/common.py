@@ -15,6 +15,10 @@ def generate_config(**overrides) -> config_dict.ConfigDict:
   c.lora = True  # load the draft LoRA (`linear_spec_lora/`) for spec-mode drafting when present
   c.dtype = "auto"  # "auto" (float32 on CPU, bfloat16 on GPU), "float32" or "bfloat16"
   c.mesh_shape = ""  # "data,model", e.g. "1,8"; empty: one device
+  # "auto" (per-layer weight buffers on CPU without a mesh, the scanned stack elsewhere), "scan" or
+  # "unrolled" (per-layer buffers: ~1.85x faster forwards on an H100 for 8B, but a second copy of
+  # the layer weights in device memory; docs/benchmarks.md).
+  c.layer_layout = "auto"
   # Multi-host (jax.distributed): every process runs the same command with its own process_id.
   c.coordinator_address = ""  # "host:port" of process 0; needed when num_processes > 1
   c.num_processes = 1

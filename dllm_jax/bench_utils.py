@@ -163,7 +163,7 @@ class ForwardShape:
 
 
 def time_forward(model: NLDModel, kind: str, shape: ForwardShape, *, warmup: int,
-                 repeats: int) -> list[float]:
+                 repeats: int, unroll: bool | None = None) -> list[float]:
   """Seconds per jitted forward of `kind` at `shape`, cache donated and reset to `context` each call.
 
   This is the forward alone, as the engine runs it inside its loops: everything a decoding round
@@ -171,8 +171,10 @@ def time_forward(model: NLDModel, kind: str, shape: ForwardShape, *, warmup: int
   """
   mode, lora = FORWARD_KINDS[kind]
   graphdef, state = nnx.split(model)
-  # The same layer layout as the engine, so that "overhead" compares like with like.
-  layer_states = unstack_layers(model) if unroll_layers_by_default() else None
+  # By default the engine's layer layout, so that "overhead" compares like with like; `unroll`
+  # forces per-layer buffers (True) or the scanned stack (False).
+  unroll = unroll_layers_by_default() if unroll is None else unroll
+  layer_states = unstack_layers(model) if unroll else None
   cfg = model.cfg
   cache = KVCache.init(cfg, shape.batch, shape.cache_len, model.dtype)
   tokens = jnp.full((shape.batch, shape.tokens), cfg.mask_token_id or 0, jnp.int32)

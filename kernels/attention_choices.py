@@ -14,7 +14,11 @@ SHAPE_CLASSES = ("decode", "verify", "prefill", "prefix", "bidirectional", "bloc
 # (memory-bound, flash-decoding layout) rather than a prefill (compute-bound).
 VERIFY_MAX_QUERIES = 64
 
-MEASURED: dict[str, dict[str, str]] = {}
+MEASURED: dict[str, dict[str, str]] = {
+    # scripts/bench_attention.py, 2026-11-23 (docs/benchmarks.md, "Attention kernels on an H100").
+    "NVIDIA H100 80GB HBM3": {"prefill": "cudnn", "verify": "pallas", "prefix": "pallas",
+                              "decode": "triton"},
+}
 
 
 def shape_class(mask: str, num_queries: int) -> str:

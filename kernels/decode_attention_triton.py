@@ -53,7 +53,7 @@ def split_kernel(q_ptr, k_ptr, v_ptr, base_ptr, hi_ptr, o_ptr, lse_ptr,
                  CAUSAL: tl.constexpr):
   """q [B,G,ROWS,D] folded; k/v [B,S,G,D]; base/hi [B] int32; o [B,G,NUM_SPLITS,ROWS,D] fp32 and
   lse [B,G,NUM_SPLITS,ROWS] fp32 (natural log; -1e30 where the split saw no key)."""
-  bg = tl.program_id(0)
+  bg = tl.program_id(0).to(tl.int64)  # offsets below exceed int32 at long caches x batch
   split = tl.program_id(1)
   row_tile = tl.program_id(2)
   b = bg // G
@@ -119,8 +119,8 @@ def plan(q_shape, k_shape, *, mask: str, scale: float, block_sizes: BlockSizes) 
   rows = -(-rows_needed // block_m) * block_m
   block_n = min(block_sizes.block_kv, max(16, triton.next_power_of_2(s_len)))
   tiles = -(-s_len // block_n)
-  tiles_per_split = -(-tiles // min(block_sizes.num_splits, tiles))
-  num_splits = -(-tiles // tiles_per_split)  # no split left without a tile
+  num_splits, tiles_per_split = split_kv.num_splits(block_sizes.num_splits, tiles,
+                                                    b * g * (rows // block_m))
   keys_per_split = tiles_per_split * block_n
   return LaunchPlan(
       grid=(b * g, num_splits, rows // block_m), rows=rows, num_splits=num_splits,

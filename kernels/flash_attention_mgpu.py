@@ -45,7 +45,6 @@ _ROW_GRANULE = 64  # wgmma M granule on Hopper
 _NEG = split_kv.NEG
 _LOG2E = math.log2(math.e)
 _SMEM_LIMIT = 227 * 1024  # dynamic shared memory per block on H100/H200
-_TARGET_CTAS = 2 * 132  # two CTAs per SM of an H100 SXM / H200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +58,12 @@ class BlockSizes:
     B * G * row_tiles * splits reaches about two CTAs per SM.
   stages: depth of the TMA prefetch ring (K and V tiles in flight).
   """
-  block_rows: int = 128
-  block_kv: int = 64
+  # Defaults from a tile sweep on an H100 (docs/benchmarks.md): 64-row tiles give twice the CTAs
+  # of 128-row ones for a 32-query block, and 128-key tiles with a 2-deep ring fit in shared memory.
+  block_rows: int = 64
+  block_kv: int = 128
   num_splits: int = 16
-  stages: int = 3
+  stages: int = 2
 
   def __post_init__(self):
     if self.block_rows % _ROW_GRANULE or self.block_rows <= 0:
@@ -286,10 +287,8 @@ def flash_attention(q, k, v, *, mask: str, q_offset=None, kv_len=None, block_k=N
   block_rows = min(block_sizes.block_rows, -(-t * group // _ROW_GRANULE) * _ROW_GRANULE)
   row_tiles = -(-t * group // block_rows)
   num_tiles = s_len // block_kv
-  # Splits only need to fill the GPU (~2 CTAs per SM); more would just add combine traffic.
-  ctas = b * g * row_tiles
-  num_splits = min(block_sizes.num_splits, num_tiles, max(1, -(-_TARGET_CTAS // ctas)))
-  tiles_per_split = -(-num_tiles // num_splits)
+  num_splits, tiles_per_split = split_kv.num_splits(block_sizes.num_splits, num_tiles,
+                                                   b * g * row_tiles)
   st = _Static(pattern=mask, group=group, num_queries=t, block_rows=block_rows, block_kv=block_kv,
                num_tiles=num_tiles, tiles_per_split=tiles_per_split,
                stages=min(block_sizes.stages, tiles_per_split), scale=scale,

@@ -11,6 +11,20 @@ import jax
 import jax.numpy as jnp
 
 NEG = -1e30  # finite "minus infinity": keeps empty rows/splits NaN-free (-inf - -inf = NaN)
+TARGET_CTAS = 2 * 132  # two programs per SM of an H100 SXM / H200
+
+
+def num_splits(requested: int, num_tiles: int, programs: int) -> tuple[int, int]:
+  """(splits, tiles per split) for `num_tiles` key tiles when the grid already has `programs`
+  programs besides the split axis.
+
+  Splits only need to fill the GPU (~2 programs per SM); more would add combine traffic and, for
+  long query blocks, partial outputs the size of the whole problem. No split is left without a
+  tile.
+  """
+  n = min(requested, num_tiles, max(1, -(-TARGET_CTAS // programs)))
+  per_split = -(-num_tiles // n)
+  return -(-num_tiles // per_split), per_split
 
 
 def fold_queries(q: jax.Array, num_kv_heads: int, total_rows: int) -> jax.Array:

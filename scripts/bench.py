@@ -45,7 +45,7 @@ import torch
 from dllm_jax import bench_utils as bu
 from dllm_jax.checkpoint import model_from_state_dict, write_text_atomic
 from dllm_jax.config import ModelConfig, preset
-from dllm_jax.decode import generate
+from dllm_jax.decode import LAYER_LAYOUTS, generate
 from dllm_jax.decode.common import bucket_length
 from dllm_jax.model import LoRAConfig, NLDModel
 
@@ -314,6 +314,10 @@ def roofline_section(config: ml_collections.ConfigDict) -> dict[str, Any]:
            "install the [gpu] extra on a GPU machine)")
     print(f"[bench] {msg}", flush=True)
     return {"skipped": msg, "rows": []}
+  bad = [x for x in rc.layer_layouts if x not in LAYER_LAYOUTS]
+  if bad:
+    raise ValueError(f"--config.roofline.layer_layouts: {bad[0]!r} is not one of "
+                     f"{list(LAYER_LAYOUTS)}")
   dtype = jnp.dtype(rc.dtype)
   bandwidth = bu.copy_bandwidth(rc.copy_mib * 2**20, repeats=rc.repeats, dtype=dtype)
   print(f"[bench] device copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
@@ -325,19 +329,22 @@ def roofline_section(config: ml_collections.ConfigDict) -> dict[str, Any]:
       cfg = cfg.replace(attention_impl=config.attention_impl)
     print(f"[bench] roofline {name}: random {rc.dtype} weights ...", flush=True)
     shapes = [(b, kind, 1 if kind == "ar" else rc.block_length)
-              for b in rc.batch_sizes for kind in ("ar", "denoise", "commit")]
+              for b in rc.batch_sizes for kind in rc.forwards]
     model = NLDModel(cfg, dtype=dtype, rngs=nnx.Rngs(config.seed))  # the model's own random init
     by_key = {}
-    for batch, kind, tokens in shapes:
-      shape = bu.ForwardShape(batch, tokens, rc.context, rc.context + rc.block_length)
-      t = bu.median(bu.time_forward(model, kind, shape, warmup=2, repeats=rc.repeats))
-      need = bu.bytes_per_forward(cfg, shape, dtype)
-      roof = (need["weight_bytes"] + need["kv_bytes"]) / bandwidth
-      row = dict(model=name, batch=batch, forward=kind, tokens=tokens, context=rc.context,
-                 ms=1e3 * t, roofline_ms=1e3 * roof, vs_roofline=t / roof,
-                 achieved_gb_s=(need["weight_bytes"] + need["kv_bytes"]) / t / 1e9, **need)
-      by_key[(batch, kind)] = row
-      rows.append(row)
+    for layout in rc.layer_layouts:
+      unroll = LAYER_LAYOUTS[layout]
+      for batch, kind, tokens in shapes:
+        shape = bu.ForwardShape(batch, tokens, rc.context, rc.context + rc.block_length)
+        t = bu.median(bu.time_forward(model, kind, shape, warmup=2, repeats=rc.repeats,
+                                      unroll=unroll))
+        need = bu.bytes_per_forward(cfg, shape, dtype)
+        roof = (need["weight_bytes"] + need["kv_bytes"]) / bandwidth
+        row = dict(model=name, layers=layout, batch=batch, forward=kind, tokens=tokens,
+                   context=rc.context, ms=1e3 * t, roofline_ms=1e3 * roof, vs_roofline=t / roof,
+                   achieved_gb_s=(need["weight_bytes"] + need["kv_bytes"]) / t / 1e9, **need)
+        by_key.setdefault((batch, kind), row)  # torch is compared with the first layout
+        rows.append(row)
     mem = bu.peak_memory()
     del model
     gc.collect()
@@ -378,7 +385,7 @@ TABLE_COLUMNS = {
                             ("ms_draft", "ms/draft"), ("ms_verify", "ms/verify"),
                             ("torch_ms_verify", "torch ms/verify")] + _COMMON_RIGHT,
 }
-ROOFLINE_COLUMNS = [("model", "model"), ("batch", "batch"), ("forward", "forward"),
+ROOFLINE_COLUMNS = [("model", "model"), ("layers", "layers"), ("batch", "batch"), ("forward", "forward"),
                     ("tokens", "tokens"), ("context", "context"), ("ms", "ms"),
                     ("roofline_ms", "roofline ms"), ("vs_roofline", "× roofline"),
                     ("achieved_gb_s", "GB/s"), ("torch_ms", "torch ms"),

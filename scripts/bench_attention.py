@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dllm_jax import attention as attn_lib
+from dllm_jax.checkpoint import write_text_atomic
 from kernels import attention_choices
 
 DISPATCH_IMPLS = ("xla", "pallas", "triton", "cudnn")
@@ -199,7 +200,7 @@ def unavailable(impl: str, shape: Shape, dtype) -> str | None:
   return None
 
 
-def run(args) -> list[dict]:
+def run(args, env: dict) -> list[dict]:
   dtype = jnp.float32 if args.smoke else jnp.bfloat16
   if args.smoke and jax.default_backend() != "gpu":
     os.environ[attn_lib.KERNEL_INTERPRET_ENV] = "1"  # the Pallas kernel in interpret mode
@@ -209,7 +210,8 @@ def run(args) -> list[dict]:
   impls = args.impls or DISPATCH_IMPLS + BASELINES
   rows = []
   for shape in shapes(args.smoke):
-    if args.patterns and shape.name not in args.patterns:
+    if ((args.patterns and shape.name not in args.patterns)
+        or (args.batches and shape.batch not in args.batches)):
       continue
     itemsize = jnp.dtype(dtype).itemsize
     kv_bytes = 2 * shape.batch * shape.keys * shape.kv_heads * shape.head_dim * itemsize
@@ -234,6 +236,8 @@ def run(args) -> list[dict]:
         row["skipped"] = reason
       rows.append(row)
       print(format_row(row), flush=True)
+      if args.out:  # after every row, so a run cut short still leaves its table
+        write_results(args.out, env, rows, winners(rows, tolerance(args)))
   return rows
 
 
@@ -268,12 +272,26 @@ def winners(rows: list[dict], tol: float) -> dict[str, str]:
   return best
 
 
+def tolerance(args) -> float:
+  return 1e-4 if args.smoke else 3e-2
+
+
+def write_results(out: pathlib.Path, env: dict, rows: list[dict], best: dict[str, str]) -> None:
+  out.mkdir(parents=True, exist_ok=True)
+  write_text_atomic(out / "results.json",
+                    json.dumps(dict(env=env, rows=rows, winners=best), indent=1))
+  write_text_atomic(out / "results.md", "\n".join(
+      [" ".join(f"{k}={v}" for k, v in env.items()), "", HEADER]
+      + [format_row(r) for r in rows] + ["", f"winners: {best!r}"]) + "\n")
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--smoke", action="store_true",
                  help="tiny shapes (CPU: kernels in interpret mode)")
   p.add_argument("--impls", nargs="*", help=f"subset of {DISPATCH_IMPLS + BASELINES}")
   p.add_argument("--patterns", nargs="*", help="subset of prefill verify prefix decode")
+  p.add_argument("--batches", nargs="*", type=int, help="subset of the batch sizes (1 8)")
   p.add_argument("--reps", type=int, default=None, help="timing repetitions (median reported)")
   p.add_argument("--iters", type=int, default=None, help="calls per repetition")
   p.add_argument("--out", type=pathlib.Path, help="folder for results.md and results.json")
@@ -284,18 +302,11 @@ def main(argv=None):
   env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
              device_kind=device.device_kind, platform=device.platform, jax=jax.__version__)
   print(" ".join(f"{k}={v}" for k, v in env.items()))
-  rows = run(args)
-  tol = 1e-4 if args.smoke else 3e-2
+  rows = run(args, env)
+  tol = tolerance(args)
   best = winners(rows, tol)
   print(f"\nfastest correct impl per shape class (kernels/attention_choices.MEASURED):\n"
         f"{device.device_kind!r}: {best!r},")
-  if args.out:
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(dict(env=env, rows=rows, winners=best),
-                                                      indent=1))
-    (args.out / "results.md").write_text(
-        "\n".join([" ".join(f"{k}={v}" for k, v in env.items()), "", HEADER]
-                  + [format_row(r) for r in rows]) + "\n")
   bad = [r for r in rows if "max_err" in r and r["max_err"] > tol]
   if bad:
     print(f"{len(bad)} rows exceed the error bound {tol}", file=sys.stderr)

@@ -36,6 +36,8 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", 
                               "default.py")
 MODES = ("ar", "diffusion", "spec")
 DTYPES = ("auto", "float32", "bfloat16")
+# The keys of dllm_jax.decode.LAYER_LAYOUTS (checked before the heavy imports).
+LAYER_LAYOUT_NAMES = ("auto", "scan", "unrolled")
 EXIT_USAGE = 2
 
 
@@ -90,6 +92,9 @@ def check_knobs(c: config_dict.ConfigDict) -> None:
     raise UsageError(f"--config.mode={c.mode!r}: expected one of {', '.join(MODES)}")
   if c.dtype not in DTYPES:
     raise UsageError(f"--config.dtype={c.dtype!r}: expected one of {', '.join(DTYPES)}")
+  if c.layer_layout not in LAYER_LAYOUT_NAMES:
+    raise UsageError(f"--config.layer_layout={c.layer_layout!r}: expected one of "
+                     f"{', '.join(LAYER_LAYOUT_NAMES)}")
   if c.max_new_tokens < 1:
     raise UsageError(f"--config.max_new_tokens={c.max_new_tokens}: must be >= 1")
   if c.mode != "ar":
@@ -302,7 +307,7 @@ class ElapsedBar:
 
 def generate_once(s: Session, ids: list[int], stream: bool) -> tuple[GenerateResult, str]:
   """Runs one generation, streaming text to stdout when `stream`; returns (result, text)."""
-  from dllm_jax.decode import generate  # pylint: disable=g-import-not-at-top
+  from dllm_jax.decode import LAYER_LAYOUTS, generate  # pylint: disable=g-import-not-at-top
   from dllm_jax.tokenizer import StreamDecoder  # pylint: disable=g-import-not-at-top
   c, tok = s.config, s.src.tokenizer
   decoder = StreamDecoder(tok)
@@ -323,7 +328,8 @@ def generate_once(s: Session, ids: list[int], stream: bool) -> tuple[GenerateRes
           seed=c.seed, max_thinking_tokens=c.max_thinking_tokens, end_think_token_id=s.think_id,
           causal_context=c.causal_context,
           draft_lora=s.draft_lora if c.mode == "spec" else None,
-          mesh=s.mesh, on_tokens=on_tokens if stream else None)
+          mesh=s.mesh, on_tokens=on_tokens if stream else None,
+          unroll_layers=LAYER_LAYOUTS[c.layer_layout])
     except ValueError as e:  # generate's argument checks: one line naming the argument
       raise UsageError(_first_line(e)) from None
   if stream:

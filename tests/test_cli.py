@@ -44,7 +44,8 @@ def parse_stats(stderr: str) -> dict:
 
 @pytest.mark.parametrize("config,mode,extra", [
     ("nld_8b.py", "ar", ("--config.mesh_shape=1,1",)),
-    ("nld_8b_base.py", "diffusion", ("--config.prompt=the sea is blue",)),  # raw text
+    ("nld_8b_base.py", "diffusion", ("--config.prompt=the sea is blue",  # raw text
+                                     "--config.layer_layout=scan")),
     ("nld_8b.py", "spec", ("--config.enable_thinking=True", "--config.max_thinking_tokens=4")),
 ])
 def test_each_mode_end_to_end(ckpt, tmp_path, config, mode, extra):
@@ -158,11 +159,18 @@ BAD_INPUTS = {
                             "--config.max_new_tokens=16", "--config.block_length=32"],
                            r"block_length=32 = \d+ exceeds"),
     "unknown_mode": (["--config.checkpoint={ckpt}", "--config.mode=beam"], r"mode='beam'"),
+    "unknown_layer_layout": (["--config.checkpoint={ckpt}", "--config.layer_layout=flat"],
+                             r"layer_layout='flat'"),
     "diffusion_without_mask": (["--config.checkpoint={ar_only}", "--config.mode=diffusion"],
                                r"no mask token"),
     "spec_without_mask": (["--config.checkpoint={ar_only}", "--config.mode=spec"],
                           r"mask_token_id"),
 }
+
+
+def test_layer_layout_names_match_the_engine(cli_module):
+  from dllm_jax.decode import LAYER_LAYOUTS
+  assert cli_module.LAYER_LAYOUT_NAMES == tuple(LAYER_LAYOUTS)
 
 
 @pytest.mark.parametrize("name", sorted(BAD_INPUTS))

@@ -47,6 +47,18 @@ def test_auto_is_xla_on_cpu_and_cudnn_refuses():
     A.attention(x, kv, kv, mask="causal", q_offset=jnp.zeros((1,), jnp.int32), impl="cudnn")
 
 
+def test_measured_table_is_well_formed_and_classes_follow_query_counts():
+  from kernels import attention_choices as C
+  for device, choices in C.MEASURED.items():
+    assert set(choices) <= set(C.SHAPE_CLASSES), device
+    assert set(choices.values()) <= {"xla", "pallas", "triton", "cudnn"}, device
+  # One query is a decode step; a 32-token commit/verify block is memory-bound like decode; a
+  # 4k-token causal call is a prefill.
+  assert [C.shape_class("causal", t) for t in (1, 32, 64, 65, 4096)] == [
+      "decode", "verify", "verify", "prefill", "prefill"]
+  assert C.measured_choice("a device nobody measured", "causal", 1) == "xla"
+
+
 def test_triton_import_error_is_readable():
   try:
     import jax_triton  # noqa: F401  pylint: disable=unused-import

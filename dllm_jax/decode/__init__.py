@@ -37,7 +37,7 @@ MODES = {"ar": ar, "diffusion": block_diffusion, "spec": speculative}
 _DEFAULT = object()  # threshold not given: 0.9 for diffusion, 0.0 for spec (the reference defaults)
 
 __all__ = ["generate", "GenerateResult", "MODES", "bucket_length", "cache_length",
-           "unroll_layers_by_default"]
+           "unroll_layers_by_default", "LAYER_LAYOUTS"]
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, mode: str = "diffusion",
@@ -180,6 +180,10 @@ def _place(cfg, mesh, tokens, lengths, knobs):
           sharding.put(tokens, sharding.logical_sharding(mesh, ("batch", None), rules)),
           sharding.put(lengths, sharding.logical_sharding(mesh, ("batch",), rules)),
           jax.tree.map(lambda k: sharding.put(k, replicated), knobs))
+
+
+# Names of the layer layouts for configs and flags -> generate's `unroll_layers`.
+LAYER_LAYOUTS = {"auto": None, "scan": False, "unrolled": True}
 
 
 def unroll_layers_by_default(mesh=None) -> bool:
