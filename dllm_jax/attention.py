@@ -127,12 +127,15 @@ def _kernel_interpret() -> bool:
 
 
 def _pallas_supports(mask: str, q, k, kw) -> bool:
-  """Whether the Mosaic GPU kernel takes this call (see kernels/flash_attention_mgpu.py)."""
+  """Whether the Mosaic GPU kernel with its default tiling takes this call
+  (see kernels/flash_attention_mgpu.py)."""
+  from kernels import flash_attention_mgpu  # pylint: disable=g-import-not-at-top
   itemsize = jnp.dtype(k.dtype).itemsize
   row_bytes = q.shape[3] * itemsize
   return ((kw.get("key_valid") is None or mask == "prefix")
           and q.shape[3] <= 256 and (row_bytes in (32, 64) or row_bytes % 128 == 0)
-          and k.shape[1] % (32 // itemsize) == 0)
+          and k.shape[1] % (32 // itemsize) == 0
+          and flash_attention_mgpu.default_tiling_fits(q.shape[3], itemsize))
 
 
 def _cudnn_supports(mask: str, q, k, kw) -> bool:

@@ -196,11 +196,18 @@ def _kernel(base_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _smem_bytes(st: _Static, head_dim: int, itemsize: int) -> int:
+def smem_bytes(block_rows: int, block_kv: int, stages: int, head_dim: int, itemsize: int) -> int:
   """Shared memory of one CTA: Q, the K/V ring, P, the fp32 output tile and the LSE row."""
-  tiles = (st.block_rows * head_dim + 2 * st.stages * st.block_kv * head_dim
-           + st.block_rows * st.block_kv) * itemsize
-  return tiles + st.block_rows * (head_dim + 1) * 4
+  tiles = (block_rows * head_dim + 2 * stages * block_kv * head_dim
+           + block_rows * block_kv) * itemsize
+  return tiles + block_rows * (head_dim + 1) * 4
+
+
+def default_tiling_fits(head_dim: int, itemsize: int) -> bool:
+  """Whether `BlockSizes()` fits in shared memory at this head_dim whatever the shape (the tile
+  actually used is never larger), so "auto" only picks this kernel when its defaults can run."""
+  bs = BlockSizes()
+  return smem_bytes(bs.block_rows, bs.block_kv, bs.stages, head_dim, itemsize) <= _SMEM_LIMIT
 
 
 def _smem_transforms(minor: int, dtype) -> tuple:
@@ -302,7 +309,7 @@ def flash_attention(q, k, v, *, mask: str, q_offset=None, kv_len=None, block_k=N
     base = hi = jnp.full((b,), s_len, jnp.int32)
   dtype = k.dtype
   total_rows = row_tiles * block_rows
-  smem = _smem_bytes(st, d, jnp.dtype(dtype).itemsize)
+  smem = smem_bytes(st.block_rows, st.block_kv, st.stages, d, jnp.dtype(dtype).itemsize)
   if smem > _SMEM_LIMIT and _interpret_params(interpret) is None:
     raise ValueError(f"block_sizes={block_sizes} need {smem // 1024} KiB of shared memory for "
                      f"head_dim={d}, over the {_SMEM_LIMIT // 1024} KiB per block of Hopper")

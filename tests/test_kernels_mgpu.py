@@ -108,6 +108,15 @@ def test_shape_errors_name_the_argument():
     flash_attention(q, k[:, :60], k[:, :60], mask="causal", interpret=True)
 
 
+def test_default_tiling_fits_hopper_shared_memory_at_nld_head_dim_only():
+  from kernels import flash_attention_mgpu as m
+  # By hand, bf16: Q 64x128 + K/V ring 2x2x128x128 + P 64x128 (x2 bytes) + fp32 O and LSE
+  # 64x129x4 = 196,864 bytes <= 227 KiB; at head_dim 256 the same tiles need 377,088 bytes.
+  assert m.smem_bytes(64, 128, 2, 128, 2) == 196_864
+  assert m.default_tiling_fits(128, 2)
+  assert not m.default_tiling_fits(256, 2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mask,t,bs", [
     ("causal", 1, BlockSizes()), ("causal", 32, BlockSizes()),
