@@ -15,7 +15,7 @@ SHAPE_CLASSES = ("decode", "verify", "prefill", "prefix", "bidirectional", "bloc
 VERIFY_MAX_QUERIES = 64
 
 MEASURED: dict[str, dict[str, str]] = {
-    # scripts/bench_attention.py, 2026-11-23 (docs/benchmarks.md, "Attention kernels on an H100").
+    # scripts/bench_attention.py on an H100, 2026-11-23 (docs/benchmarks.md, "GPU").
     "NVIDIA H100 80GB HBM3": {"prefill": "cudnn", "verify": "pallas", "prefix": "pallas",
                               "decode": "triton"},
 }
