@@ -26,7 +26,7 @@ def generate_config(**overrides) -> config_dict.ConfigDict:
   # Decoding mode: "ar" (autoregressive), "diffusion" (block diffusion), "spec" (self-speculation).
   c.mode = "spec"
   c.max_new_tokens = 512
-  c.block_length = 32
+  c.block_length = config_dict.placeholder(int)  # None: the checkpoint's block_size (NLD: 32)
   c.diffusion_threshold = 0.9  # commit every masked position with confidence >= this (plus the top-1)
   c.spec_threshold = 0.0  # 0: one draft forward fills the whole block
   c.temperature = 0.0  # 0: greedy

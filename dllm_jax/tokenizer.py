@@ -105,6 +105,12 @@ class TextTokenizer:
     return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt,
                                         enable_thinking=enable_thinking))
 
+  def encode_prompt(self, example: dict) -> list[int]:
+    """A prompt-file line: {"messages": [...]} through the chat template, or {"text": ...} raw."""
+    if "messages" in example:
+      return self.encode_chat(example["messages"])
+    return self.encode_raw(example["text"])
+
   def end_think_token_id(self) -> int | None:
     """The `</think>` id when it is a single token of the vocabulary (spec §5.4), else None."""
     return self.token_to_id(THINK_END)

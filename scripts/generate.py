@@ -97,14 +97,8 @@ def check_knobs(c: config_dict.ConfigDict) -> None:
                      f"{', '.join(LAYER_LAYOUT_NAMES)}")
   if c.max_new_tokens < 1:
     raise UsageError(f"--config.max_new_tokens={c.max_new_tokens}: must be >= 1")
-  if c.mode != "ar":
-    min_block = 2 if c.mode == "spec" else 1  # spec: a seed plus at least one drafted position
-    if c.block_length < min_block:
-      raise UsageError(f"--config.block_length={c.block_length}: must be >= {min_block} in "
-                       f"{c.mode} mode")
-  if c.mode == "diffusion" and c.max_new_tokens % c.block_length:
-    raise UsageError(f"--config.max_new_tokens={c.max_new_tokens} is not a multiple of "
-                     f"--config.block_length={c.block_length} (diffusion decodes whole blocks)")
+  if c.block_length is not None:
+    check_block_length(c)
   if c.temperature < 0:
     raise UsageError(f"--config.temperature={c.temperature}: must be >= 0")
   if c.max_seq_len < 0:
@@ -174,7 +168,8 @@ def resolve_source(c: config_dict.ConfigDict) -> Source:
 
 
 def serving_config(c: config_dict.ConfigDict, src: Source) -> ModelConfig:
-  """The ModelConfig decoding runs with; refuses modes the checkpoint cannot serve."""
+  """The ModelConfig decoding runs with; refuses modes the checkpoint cannot serve. An unset
+  --config.block_length becomes the checkpoint's block_size here."""
   cfg = src.cfg
   if c.mode == "diffusion" and cfg.mask_token_id is None:
     raise UsageError(f"--config.mode=diffusion: checkpoint {src.path} has no mask token "
@@ -188,6 +183,9 @@ def serving_config(c: config_dict.ConfigDict, src: Source) -> ModelConfig:
                        f"[0, {cfg.vocab_size})")
     # Drafts from an AR model are poor, but the causal verify keeps greedy output exact.
     cfg = cfg.replace(mask_token_id=c.mask_token_id)
+  if c.block_length is None:  # the block the checkpoint was trained with
+    c.block_length = cfg.block_size
+    check_block_length(c)
   if c.chat and not src.tokenizer.chat_template:
     raise UsageError(f"--config.chat=True but {src.path} has no chat template; "
                      "use --config.chat=False for raw text")
@@ -202,6 +200,17 @@ def end_think_id(c: config_dict.ConfigDict, src: Source) -> int | None:
     raise UsageError("--config.max_thinking_tokens needs a '</think>' token, which the "
                      f"tokenizer of {src.path} does not have")
   return tid
+
+
+def check_block_length(c: config_dict.ConfigDict) -> None:
+  if c.mode != "ar":
+    min_block = 2 if c.mode == "spec" else 1  # spec: a seed plus at least one drafted position
+    if c.block_length < min_block:
+      raise UsageError(f"--config.block_length={c.block_length}: must be >= {min_block} in "
+                       f"{c.mode} mode")
+  if c.mode == "diffusion" and c.max_new_tokens % c.block_length:
+    raise UsageError(f"--config.max_new_tokens={c.max_new_tokens} is not a multiple of "
+                     f"--config.block_length={c.block_length} (diffusion decodes whole blocks)")
 
 
 def check_length(c: config_dict.ConfigDict, cfg: ModelConfig, prompt_len: int) -> None:

@@ -194,3 +194,20 @@ def test_usage_error_exit_code_and_no_partial_output(ckpt, tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
   assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_block_length_defaults_to_the_checkpoints_block_size(tmp_path):
+  """A checkpoint trained with 8-token blocks decodes 8-token blocks unless told otherwise."""
+  from dllm_jax.config import preset
+  ckpt8 = write_checkpoint(tmp_path / "b8", preset("tiny").replace(block_size=8))
+  proc = run_cli(f"--config.checkpoint={ckpt8}", "--config.mode=diffusion",
+                 "--config.max_new_tokens=8", "--config.diffusion_threshold=0",
+                 f"--config.prompt={PROMPT}")
+  assert proc.returncode == 0, proc.stderr
+  # Threshold 0 fills a block in one step; with its commit that is 2 forwards per block of 8 (a
+  # 32-token block would have refused max_new_tokens=8).
+  assert int(parse_stats(proc.stderr)["nfe"]) == 2
+  proc = run_cli(f"--config.checkpoint={ckpt8}", "--config.mode=diffusion",
+                 "--config.max_new_tokens=12", f"--config.prompt={PROMPT}")
+  assert proc.returncode == 2
+  assert "max_new_tokens=12 is not a multiple of --config.block_length=8" in proc.stderr

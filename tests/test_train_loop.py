@@ -1,5 +1,6 @@
 """Training runs on the tiny model: both losses fall, gradient accumulation is exact, a killed run
-resumes bit for bit, chat data is masked to the responses, and the adapter export loads back."""
+resumes bit for bit, chat data is masked to the responses, the adapter export loads back, and LoRA
+fine-tuning of the joint objective exports merged weights."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import pathlib
 import runpy
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -17,8 +19,8 @@ from dllm_jax import LoRAConfig, NLDModel, preset
 from dllm_jax.model import lora_linears
 from dllm_jax.checkpoint import LORA_DIR, export_hf, load_pretrained
 from dllm_jax.training import data as data_lib
-from dllm_jax.training.export import export_peft_adapter
-from dllm_jax.training.objective import Objective
+from dllm_jax.training.export import export_peft_adapter, merge_lora
+from dllm_jax.training.objective import PARADIGMS, Objective
 from dllm_jax.training.optim import init_lora, make_optimizer, wsd_schedule
 from dllm_jax.training.run import train
 from dllm_jax.training.trainer import Trainer
@@ -243,3 +245,89 @@ def test_unknown_lora_target_is_named():
   config.model.lora_targets = "o_proj,gate"
   with pytest.raises(ValueError, match="'gate' is unknown"):
     train(config, encode=encode, log=lambda _: None)
+
+
+def test_merge_lora_equals_forward_with_adapter():
+  """The merged kernels compute what the forward with the adapter computes, in every mode."""
+  model = NLDModel(CFG, lora=LoRAConfig(4, 16, targets=TARGETS), rngs=nnx.Rngs(0))
+  for i, linear in enumerate(lora_linears(model).values()):
+    linear.lora_b[...] = 0.05 * jax.random.normal(jax.random.PRNGKey(1 + i), linear.lora_b.shape)
+  merged = merge_lora(model)
+  assert merged.lora is None
+  tokens = jnp.asarray(counting_corpus(np.random.default_rng(0), 2, 16))
+  for mode in ("causal", "diffusion", "block_diff"):
+    x = jnp.concatenate([tokens, tokens], axis=1) if mode == "block_diff" else tokens
+    with_adapter, _ = model(x, mode=mode, lora=True)
+    without, _ = model(x, mode=mode)
+    got, _ = merged(x, mode=mode)
+    assert np.abs(np.asarray(with_adapter) - np.asarray(without)).max() > 1e-2  # the delta matters
+    np.testing.assert_allclose(np.asarray(got), np.asarray(with_adapter), atol=2e-5, rtol=1e-5,
+                               err_msg=mode)
+
+
+def test_lora_fine_tuning_of_the_joint_objective(tmp_path, rng):
+  """trainable='lora' with block_diff on a briefly pretrained base: both losses fall, and the HF
+  export holds the merged weights (no draft adapter), reproducing the adapted model's logits.
+  (A random base cannot be LoRA-tuned: its small random head caps the logits' scale.)"""
+  data_path = tmp_path / "data.jsonl"
+  with open(data_path, "w") as f:
+    for row in counting_corpus(rng, 48, 32):
+      f.write(json.dumps({"text": "".join(chr(t - 120) for t in row)}) + "\n")
+  pre = _tiny_run_config(tmp_path / "pre", data_path, 10)
+  pre.checkpoint.dir, pre.optim.peak_lr = "", 1e-2
+  pre.export.hf_dir = str(tmp_path / "pretrained")
+  train(pre, encode=encode, log=lambda _: None)
+  config = _tiny_run_config(tmp_path / "lora", data_path, 60)
+  config.checkpoint.dir = ""
+  config.model.init_from = pre.export.hf_dir
+  config.model.overrides = ml_collections.ConfigDict()
+  config.model.lora_rank, config.model.lora_alpha = 8, 16.0
+  config.model.lora_targets = ",".join(TARGETS)
+  config.train.trainable = "lora"
+  config.optim.peak_lr, config.optim.weight_decay = 1e-2, 0.0
+  config.export.hf_dir, config.export.hf_dtype = str(tmp_path / "hf"), "float32"
+  lines = []
+  trainer = train(config, encode=encode, log=lines.append)
+  assert trainer.objective.adapter_forward
+  losses = np.array([(float(l.split("diff_ce ")[1].split()[0]),
+                      float(l.split("ar_ce ")[1].split()[0])) for l in lines if l.startswith("step ")])
+  first, last = losses[:3].mean(axis=0), losses[-3:].mean(axis=0)
+  assert np.all(last < first - 0.25), (first, last)
+  assert any("LoRA merged" in l for l in lines), lines
+  assert not (tmp_path / "hf" / LORA_DIR).exists()
+  loaded = load_pretrained(tmp_path / "hf", dtype=jnp.float32)
+  assert loaded.lora is None
+  tokens = jnp.asarray(counting_corpus(np.random.default_rng(3), 2, 16))
+  want, _ = trainer.model()(tokens, mode="diffusion", lora=True)
+  got, _ = loaded.model(tokens, mode="diffusion")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+
+
+def test_lora_fine_tuning_refuses_a_shipped_draft_adapter(tmp_path):
+  model = NLDModel(CFG, lora=LoRAConfig(4, 16, targets=("o_proj",)), rngs=nnx.Rngs(0))
+  export_hf(model, tmp_path / "nld")
+  config = _tiny_run_config(tmp_path, tmp_path / "unused.jsonl", 2)
+  config.model.init_from = str(tmp_path / "nld")
+  config.model.overrides = ml_collections.ConfigDict()
+  config.model.lora_rank, config.model.lora_alpha, config.model.lora_targets = 4, 16.0, "o_proj"
+  config.train.trainable = "lora"
+  with pytest.raises(ValueError, match="ships a draft adapter"):
+    train(config, encode=encode, log=lambda _: None)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("train_*.py")
+                                        if p.name != "train_common.py"))
+def test_training_configs_are_consistent(name):
+  """Every shipped job file builds, and its knobs pass the checks a run would make later."""
+  c = runpy.run_path(str(CONFIGS / name))["get_config"]()
+  assert c.objective.paradigm in PARADIGMS
+  assert c.train.trainable in ("full", "lora")
+  if c.train.trainable == "lora":
+    assert c.model.lora_rank > 0
+  if c.model.lora_rank:
+    LoRAConfig(c.model.lora_rank, c.model.lora_alpha, tuple(c.model.lora_targets.split(",")))
+  block = c.model.overrides.get("block_size")
+  if block and c.objective.paradigm in ("block_diff", "draft"):
+    assert c.data.seq_len % block == 0
+  wsd_schedule(c.optim.peak_lr, c.train.steps, c.optim.warmup_steps, c.optim.decay_steps,
+               c.optim.final_lr)

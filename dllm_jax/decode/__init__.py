@@ -41,8 +41,9 @@ __all__ = ["generate", "GenerateResult", "MODES", "bucket_length", "cache_length
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, mode: str = "diffusion",
-             max_new_tokens: int = 512, block_length: int = 32, threshold: Any = _DEFAULT,
-             temperature: float = 0.0, seed: int = 0, eos_token_ids: Any = None,
+             max_new_tokens: int = 512, block_length: int | None = None,
+             threshold: Any = _DEFAULT, temperature: float = 0.0, seed: int = 0,
+             eos_token_ids: Any = None,
              max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
              causal_context: bool = True, draft_lora: bool | None = None,
              mesh: jax.sharding.Mesh | None = None,
@@ -50,6 +51,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, mode: str =
              unroll_layers: bool | None = None) -> GenerateResult:
   """Generates up to `max_new_tokens` ids per prompt with one of the three NLD decoding modes.
 
+  block_length: diffusion block / speculative draft length; None = the model's block_size (the
+    block it was trained with: 32 for NLD).
   threshold: diffusion: commit every masked position with confidence >= threshold besides the
     most confident one (None: the fixed transfer schedule); spec: draft confidence threshold
     (0 = fill the whole draft in one forward). Default 0.9 (diffusion) / 0.0 (spec).
@@ -115,6 +118,8 @@ def _settings(model, prompts, *, mode, max_new_tokens, block_length, threshold, 
       raise ValueError(f"prompts[{b}] holds ids outside [0, vocab_size={cfg.vocab_size})")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+  if block_length is None:
+    block_length = cfg.block_size
   if block_length < 1:
     raise ValueError(f"block_length={block_length}: must be >= 1")
   if mode == "diffusion" and max_new_tokens % block_length:

@@ -1,11 +1,14 @@
-"""Export of a trained adapter in PEFT format (spec §2.3), as the NLD repos ship the draft LoRA."""
+"""Export of a trained adapter: in PEFT format (spec §2.3), as the NLD repos ship the draft LoRA, or
+merged into the base weights when it was trained as a fine-tuning delta."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from safetensors.numpy import save_file
 
 from dllm_jax.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, atomic_dir
@@ -38,3 +41,23 @@ def export_peft_adapter(model: NLDModel, out_dir: str | os.PathLike,
     with open(tmp / ADAPTER_CONFIG, "w") as f:
       json.dump(adapter_config(model.lora, base_model_name_or_path), f, indent=2)
     save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def merge_lora(model: NLDModel) -> NLDModel:
+  """A copy of `model` without an adapter whose kernels are W + scale * a @ b: what every forward
+  with the adapter computes, as plain weights (fp32 sum, cast back to the kernel's dtype)."""
+  if model.lora is None:
+    raise ValueError("the model has no LoRA adapter to merge")
+  merged = {}
+  for target, linear in lora_linears(model).items():
+    kernel = linear.kernel[...]
+    delta = jnp.einsum("lir,lro->lio", linear.lora_a[...], linear.lora_b[...])
+    merged[target] = (kernel.astype(jnp.float32) + linear.lora_scale * delta).astype(kernel.dtype)
+  plain = nnx.eval_shape(lambda: NLDModel(model.cfg, dtype=model.dtype, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(plain)
+  _, base_state, _ = nnx.split(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)), ...)
+  values = nnx.to_pure_dict(base_state)
+  for target, kernel in merged.items():
+    values["encoder"]["layers"][LORA_TARGETS[target]][target]["kernel"] = kernel
+  nnx.replace_by_pure_dict(state, values)
+  return nnx.merge(graphdef, state)

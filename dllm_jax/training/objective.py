@@ -43,6 +43,10 @@ class Objective:
   ar_loss_weight: float = 1.0
   dlm_loss_weight: float | None = None
   draft_blocks_per_pass: int | None = None  # draft paradigm: blocks per forward (None: all)
+  # block_diff / bidirectional / autoregressive: run every forward with the LoRA adapter (LoRA
+  # fine-tuning of the whole model; the HF export merges the adapter into the weights). The draft
+  # paradigm always drafts with the adapter and fills its cache without it.
+  adapter_forward: bool = False
 
   def __post_init__(self):
     if self.paradigm not in PARADIGMS:
@@ -180,8 +184,9 @@ def draft_logits(model: NLDModel, tokens: jax.Array, noisy: jax.Array, block_siz
 def compute_loss(model: NLDModel, obj: Objective, tokens: jax.Array, loss_mask: jax.Array,
                  key: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
   """(loss_sum, normaliser, metrics) of one batch: tokens/loss_mask [B, n], key for the masks."""
+  lora = obj.adapter_forward
   if obj.paradigm == "autoregressive":
-    logits, _ = model(tokens, mode="causal")
+    logits, _ = model(tokens, mode="causal", lora=lora)
     return autoregressive_loss(logits, tokens, loss_mask)
   if obj.paradigm == "draft":
     noisy, masked = draft_corruption(tokens, loss_mask, obj.mask_token_id, obj.block_size)
@@ -191,7 +196,7 @@ def compute_loss(model: NLDModel, obj: Objective, tokens: jax.Array, loss_mask: 
     return diffusion_only_loss(logits, tokens, masked, ones, dlm_loss_weight=None)
   noisy, masked, p = forward_process(key, tokens, loss_mask, obj.mask_token_id, obj.eps)
   if obj.paradigm == "bidirectional":
-    logits, _ = model(noisy, mode="diffusion")
+    logits, _ = model(noisy, mode="diffusion", lora=lora)
     return diffusion_only_loss(logits, tokens, masked, p, dlm_loss_weight=obj.dlm_loss_weight)
   n = tokens.shape[1]
   if obj.block_size != model.cfg.block_size:
@@ -199,6 +204,6 @@ def compute_loss(model: NLDModel, obj: Objective, tokens: jax.Array, loss_mask: 
                      f"attention block_size {model.cfg.block_size}")
   if n % obj.block_size:
     raise ValueError(f"block_diff: seq_len {n} is not a multiple of block_size {obj.block_size}")
-  logits, _ = model(jnp.concatenate([noisy, tokens], axis=1), mode="block_diff")
+  logits, _ = model(jnp.concatenate([noisy, tokens], axis=1), mode="block_diff", lora=lora)
   return block_diff_loss(logits[:, :n], logits[:, n:], tokens, masked, p,
                          ar_loss_weight=obj.ar_loss_weight, dlm_loss_weight=obj.dlm_loss_weight)

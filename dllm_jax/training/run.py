@@ -36,7 +36,7 @@ from dllm_jax.model import LoRAConfig, NLDModel
 from dllm_jax.tokenizer import TextTokenizer
 from dllm_jax.training.checkpointing import CheckpointStore
 from dllm_jax.training.data import Encode, PackedDataset, RenderChat
-from dllm_jax.training.export import export_peft_adapter
+from dllm_jax.training.export import export_peft_adapter, merge_lora
 from dllm_jax.training.objective import Objective
 from dllm_jax.training.optim import init_lora, make_optimizer, wsd_schedule
 from dllm_jax.training.selfgen import write_self_generated
@@ -49,6 +49,7 @@ class Source:
   model: NLDModel
   tokenizer: TextTokenizer | None
   directory: str | None  # config.json extras and tokenizer files for the HF export
+  shipped_adapter: bool = False  # the checkpoint came with its draft LoRA
 
 
 def build_model(mc: ml_collections.ConfigDict, seed: int) -> Source:
@@ -87,7 +88,7 @@ def build_model(mc: ml_collections.ConfigDict, seed: int) -> Source:
       tokenizer = TextTokenizer.from_dir(str(pre.tokenizer_dir),
                                          bos_token_id=model.cfg.bos_token_id,
                                          eos_token_id=model.cfg.eos_token_id)
-    return Source(model, tokenizer, mc.init_from)
+    return Source(model, tokenizer, mc.init_from, shipped_adapter=pre.lora is not None)
   cfg: ModelConfig = preset(mc.preset).replace(**overrides)
   model = NLDModel(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=nnx.Rngs(seed))
   if lora is not None:
@@ -154,6 +155,11 @@ def train(config: ml_collections.ConfigDict, *, encode: Encode | None = None,
       cfg, paradigm=obj.paradigm or None, eps=obj.eps, ar_loss_weight=obj.ar_loss_weight,
       dlm_loss_weight=obj.dlm_loss_weight, mask_token_id=obj.mask_token_id,
       draft_blocks_per_pass=obj.draft_blocks_per_pass or None)
+  if config.train.trainable == "lora" and objective.paradigm != "draft":
+    if source.shipped_adapter:
+      raise ValueError(f"{config.model.init_from} ships a draft adapter (linear_spec_lora/): "
+                       f"train it with objective.paradigm='draft', or set train.trainable='full'")
+    objective = dataclasses.replace(objective, adapter_forward=True)
   pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
   dataset = PackedDataset.from_jsonl(dc.path, encode=encode, render_chat=render_chat,
                                      eos_id=cfg.eos_token_id, pad_id=pad_id, seq_len=dc.seq_len,
@@ -224,9 +230,12 @@ def _export(trainer: Trainer, config, source_dir: str | None, tokenizer: TextTok
       if source_dir is None and tokenizer is not None:  # e.g. a GGUF source: write its tokenizer
         _write_tokenizer_files(tokenizer, tmp)
         source_dir = tmp
-      out = export_hf(trainer.model(), ec.hf_dir, dtype=jnp.dtype(ec.hf_dtype),
-                      source_dir=source_dir)
-    log(f"wrote HF checkpoint to {out}")
+      model = trainer.model()
+      if trainer.objective.adapter_forward:
+        model = merge_lora(model)
+      out = export_hf(model, ec.hf_dir, dtype=jnp.dtype(ec.hf_dtype), source_dir=source_dir)
+    merged = " (LoRA merged into the weights)" if trainer.objective.adapter_forward else ""
+    log(f"wrote HF checkpoint to {out}{merged}")
 
 
 def _write_tokenizer_files(tokenizer: TextTokenizer, directory: str) -> None:

@@ -27,8 +27,7 @@ def self_generate(model: NLDModel, tokenizer: TextTokenizer, prompts: list[dict]
   examples = []
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
-    ids = [tokenizer.encode(tokenizer.render_chat(p["messages"])) if "messages" in p
-           else tokenizer.encode_raw(p["text"]) for p in chunk]
+    ids = [tokenizer.encode_prompt(p) for p in chunk]
     out = generate(model, ids, mode="ar", max_new_tokens=max_new_tokens)
     for prompt, tokens in zip(chunk, out.tokens):
       answer = tokenizer.decode(tokens)

