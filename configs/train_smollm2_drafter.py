@@ -5,7 +5,7 @@ python scripts/train.py --config=configs/train_smollm2_drafter.py \
     --config.data.prompts=configs/prompts/smollm2_train.jsonl \
     --config.data.path=/tmp/smollm2_self.jsonl --config.export.hf_dir=/tmp/smollm2-drafter
 python scripts/eval_modes.py --checkpoint=/tmp/smollm2-drafter \
-    --prompts=configs/prompts/smollm2_eval.jsonl --max_new_tokens=64 --limit=24
+    --prompts=configs/prompts/smollm2_eval.jsonl --max_new_tokens=64
 
 The base model stays the verifier, so speculative output is exactly its greedy AR output; the
 adapter learns to fill an 8-token block of MASK bidirectionally against the causal prefix. The

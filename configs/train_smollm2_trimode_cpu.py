@@ -6,7 +6,7 @@ python scripts/train.py --config=configs/train_smollm2_trimode_cpu.py \
     --config.data.prompts=configs/prompts/smollm2_train.jsonl \
     --config.data.path=/tmp/smollm2_self.jsonl --config.export.hf_dir=/tmp/smollm2-trimode
 python scripts/eval_modes.py --checkpoint=/tmp/smollm2-trimode \
-    --prompts=configs/prompts/smollm2_eval.jsonl --max_new_tokens=64 --limit=24 \
+    --prompts=configs/prompts/smollm2_eval.jsonl --max_new_tokens=64 \
     --diffusion_thresholds=0.9,0.5
 
 The result is a plain NLD-layout directory (fp32, tokenizer files, block_size 8, no
