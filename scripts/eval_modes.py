@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 
 def main(argv=None) -> int:
@@ -67,21 +68,26 @@ def main(argv=None) -> int:
   try:
     pre = load_pretrained(args.checkpoint, dtype=dtype)
     prompts = read_jsonl(args.prompts)
+    tok = TextTokenizer.from_dir(str(pre.tokenizer_dir or args.checkpoint),
+                                 bos_token_id=pre.config.bos_token_id,
+                                 eos_token_id=pre.config.eos_token_id)
+    prompts = prompts[:args.limit] if args.limit else prompts
+    ids = [tok.encode_prompt(x) for x in prompts]
   except (CheckpointError, ValueError, OSError) as e:
     print(str(e).splitlines()[0], file=sys.stderr)
     return 2
-  cfg = pre.config
-  block = args.block_length or cfg.block_size
+  block = args.block_length or pre.config.block_size
+  if pre.config.mask_token_id is None:
+    print(f"--checkpoint={args.checkpoint}: the model has no mask token (an autoregressive "
+          f"model cannot draft or diffuse)", file=sys.stderr)
+    return 2
   if thresholds and args.max_new_tokens % block:
     print(f"--max_new_tokens={args.max_new_tokens} is not a multiple of the block length {block} "
           f"(diffusion decodes whole blocks)", file=sys.stderr)
     return 2
-  tok = TextTokenizer.from_dir(str(pre.tokenizer_dir or args.checkpoint),
-                               bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
-  prompts = prompts[:args.limit] if args.limit else prompts
-  ids = [tok.encode_prompt(x) for x in prompts]
 
-  def run(mode: str, **kw):
+  def run(mode: str, name: str, **kw):
+    start_time = time.perf_counter()
     out = {"tokens": [], "nfe": [], "decode_nfe": [], "accepted": []}
     for start in range(0, len(ids), args.batch_size):
       r = generate(pre.model, ids[start:start + args.batch_size], mode=mode,
@@ -90,20 +96,21 @@ def main(argv=None) -> int:
       out["nfe"] += r.nfe
       out["decode_nfe"] += r.decode_nfe
       out["accepted"] += [a for row in (r.accepted_lengths or []) for a in row]
+    print(f"{name}: {len(ids)} prompts in {time.perf_counter() - start_time:.0f}s",
+          file=sys.stderr)
     return out
 
-  ar = run("ar")
-  configs = [("spec, drafting with the model's weights", "spec", dict(draft_lora=False,
-                                                                       threshold=0.0))]
-  if pre.lora is not None:
-    configs.append(("spec, draft LoRA", "spec", dict(draft_lora=True, threshold=0.0)))
-  configs += [(f"diffusion, threshold {t:g}", "diffusion", dict(threshold=t)) for t in thresholds]
+  try:  # argument errors of generate (a prompt too long for the positions, say): one line, exit 2
+    ar = run("ar", "ar")
+    rows = [(name, run(mode, name, **kw)) for name, mode, kw in _configs(pre, thresholds)]
+  except ValueError as e:
+    print(str(e).splitlines()[0], file=sys.stderr)
+    return 2
   lines = ["| mode | tok/fwd | decode tok/fwd | mean accepted per round | same tokens as AR | "
            "AR tokens reproduced |", "|---|---:|---:|---:|---:|---:|"]
   report = {"checkpoint": args.checkpoint, "prompts": len(ids), "max_new_tokens":
             args.max_new_tokens, "block_length": block, "rows": []}
-  for name, mode, kw in configs:
-    out = run(mode, **kw)
+  for name, out in rows:
     n = sum(len(t) for t in out["tokens"])
     # Speculation and diffusion may run past max_new_tokens inside their last block; compare
     # over the AR output's length.
@@ -122,6 +129,16 @@ def main(argv=None) -> int:
   print("\n".join(lines))
   print(json.dumps(report))
   return 0
+
+
+def _configs(pre, thresholds):
+  """(row name, mode, generate kwargs) per measured configuration."""
+  configs = [("spec, drafting with the model's weights", "spec",
+              dict(draft_lora=False, threshold=0.0))]
+  if pre.lora is not None:
+    configs.append(("spec, draft LoRA", "spec", dict(draft_lora=True, threshold=0.0)))
+  return configs + [(f"diffusion, threshold {t:g}", "diffusion", dict(threshold=t))
+                    for t in thresholds]
 
 
 if __name__ == "__main__":

@@ -74,3 +74,19 @@ def test_bad_input_exits_2_naming_it(eval_modes, prompts, tmp_path, capsys):
     assert eval_modes.main([f"--checkpoint={ckpt}", f"--prompts={prompts}", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert culprit in err and "\n" not in err, err
+
+
+def test_checkpoints_it_cannot_measure_exit_2(eval_modes, prompts, tmp_path, capsys):
+  from dllm_jax.config import preset
+  ar_only = write_checkpoint(tmp_path / "ar", preset("tiny").replace(mask_token_id=None))
+  assert eval_modes.main([f"--checkpoint={ar_only}", f"--prompts={prompts}"]) == 2
+  assert "no mask token" in capsys.readouterr().err
+  short = write_checkpoint(tmp_path / "short", preset("tiny").replace(max_position_embeddings=16))
+  assert eval_modes.main([f"--checkpoint={short}", f"--prompts={prompts}",
+                          "--max_new_tokens=12"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert "exceeds max_position_embeddings=16" in err[-1], err
+  (short / "tokenizer.json").unlink()
+  assert eval_modes.main([f"--checkpoint={short}", f"--prompts={prompts}"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "tokenizer.json" in err and "\n" not in err, err
