@@ -96,8 +96,8 @@ def smollm2_cpu_lora(paradigm: str) -> config_dict.ConfigDict:
   unused control token <empty_output> (id 16) becomes MASK. Blocks are 8 tokens (as NLD's
   diffusion evaluation uses): with 32-token blocks a draft adapter plateaued at 1.86 accepted
   tokens per round on 24 held-out prompts (300 and 600 steps alike), with 8-token blocks it
-  reached 2.21 there in 300 steps, because acceptance hinges on the first drafted positions and short blocks put
-  four times as much of the loss there (docs/training.md)."""
+  reached 2.21 there in 300 steps, because acceptance hinges on the first drafted positions and
+  short blocks put four times as much of the loss there (docs/training.md)."""
   c = train_config({
       "model.init_from": "smollm2", "model.param_dtype": "float32", "model.dtype": "float32",
       "model.lora_rank": 32, "model.lora_alpha": 64.0,

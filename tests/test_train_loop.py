@@ -8,8 +8,8 @@ import pathlib
 import runpy
 
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest

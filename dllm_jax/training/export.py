@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 from dllm_jax.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, atomic_dir
 from dllm_jax.model import LORA_TARGETS, NLDModel, lora_linears
+from dllm_jax.training.optim import trainable_filter
 
 LORA_KEY = "base_model.model.encoder.layers.{i}.{module}.{target}.lora_{ab}.weight"
 
@@ -55,7 +56,7 @@ def merge_lora(model: NLDModel) -> NLDModel:
     merged[target] = (kernel.astype(jnp.float32) + linear.lora_scale * delta).astype(kernel.dtype)
   plain = nnx.eval_shape(lambda: NLDModel(model.cfg, dtype=model.dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(plain)
-  _, base_state, _ = nnx.split(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)), ...)
+  _, base_state, _ = nnx.split(model, trainable_filter("full"), ...)  # every non-adapter weight
   values = nnx.to_pure_dict(base_state)
   for target, kernel in merged.items():
     values["encoder"]["layers"][LORA_TARGETS[target]][target]["kernel"] = kernel
