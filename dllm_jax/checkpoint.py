@@ -7,7 +7,7 @@ PyTorch Linear weights are [out, in]; our kernels are [in, out], so projections 
 Loading streams: every safetensors header is parsed and checked against the config's abstract
 shapes before any tensor data is read, then tensors are read one at a time (plain file reads, no
 mmap, so the page cache never counts against the process) and written straight into their
-on-device (optionally sharded) stacked buffers. Host memory therefore holds at most one checkpoint
+on-device (optionally sharded) buffers. Host memory therefore holds at most one checkpoint
 tensor besides the result.
 
 Three on-disk forms:
@@ -60,9 +60,13 @@ class CheckpointError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class KeyRule:
   hf: str  # HF key with `{prefix}` and, for layer tensors, `{i}`
-  path: tuple[str, ...]  # path in the nnx state
+  path: tuple[str, ...]  # path in the nnx state; a layer tensor's starts ("encoder", "layers")
   transpose: bool
   per_layer: bool
+
+  def param_path(self, layer: int | None) -> tuple[str | int, ...]:
+    """The path of the parameter in the nnx state (layer i lives at encoder.layers[i])."""
+    return self.path if layer is None else (*self.path[:2], layer, *self.path[2:])
 
 
 KEY_TABLE: tuple[KeyRule, ...] = (
@@ -145,8 +149,7 @@ def _get_path(tree, path):
 
 def _hf_shape(state, rule: KeyRule, layer: int | None) -> tuple[int, ...]:
   """The shape the HF tensor must have, derived from the abstract model (no allocation)."""
-  shape = tuple(_get_path(state, rule.path).value.shape)
-  shape = shape if layer is None else shape[1:]
+  shape = tuple(_get_path(state, rule.param_path(layer)).value.shape)
   return shape[::-1] if rule.transpose else shape
 
 
@@ -357,14 +360,13 @@ def _sharding_lookup(cfg: ModelConfig, state, mesh
   return lookup
 
 
-def _source_sharding(sharding: jax.sharding.Sharding, ndim: int, per_layer: bool,
+def _source_sharding(sharding: jax.sharding.Sharding, ndim: int,
                      transpose: bool) -> jax.sharding.Sharding:
-  """Sharding of a tensor as read from the file: one layer slice (no leading `layers` axis), in
-  the HF orientation (axes reversed when transposed), so the on-device transpose is local."""
+  """Sharding of a tensor as read from the file, in the HF orientation (axes reversed when
+  transposed), so the on-device transpose is local."""
   if not isinstance(sharding, jax.sharding.NamedSharding):
     return sharding
   spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
-  spec = spec[1:] if per_layer else spec
   return jax.sharding.NamedSharding(sharding.mesh,
                                     jax.sharding.PartitionSpec(*(spec[::-1] if transpose else spec)))
 
@@ -382,15 +384,6 @@ def _convert_fn(sharding, dtype, transpose: bool):
   return jax.jit(lambda x: (x.T if transpose else x).astype(dtype), out_shardings=sharding)
 
 
-@functools.lru_cache(maxsize=None)
-def _set_layer_fn(sharding, transpose: bool):
-  # Donating the stacked buffer makes the per-layer write in place: no second copy of the stack.
-  def set_layer(buf, x, i):
-    x = (x.T if transpose else x).astype(buf.dtype)
-    return jax.lax.dynamic_update_index_in_dim(buf, x, i, 0)
-  return jax.jit(set_layer, donate_argnums=0, out_shardings=sharding)
-
-
 def _checked(x: np.ndarray, rule: KeyRule, want: tuple[int, ...], key: str, where: str
              ) -> np.ndarray:
   """The HF tensor after checking its shape against the param shape `want` ([in, out] layout)."""
@@ -404,32 +397,17 @@ def _fill_state(state, entries: Mapping[str, tuple[KeyRule, int | None]],
                 read: Callable[[str], np.ndarray], where: Callable[[str], str],
                 shard_of: Callable[[tuple[str, ...]], jax.sharding.Sharding],
                 progress: Callable[[int], None] | None = None) -> None:
-  """Reads every entry once and writes it into its (stacked, sharded) device buffer in `state`."""
-  groups: dict[tuple[str, ...], list[tuple[str, KeyRule, int | None]]] = {}
+  """Reads every entry once and writes it into its own (sharded) device buffer in `state`."""
   for key, (rule, layer) in entries.items():
-    groups.setdefault(rule.path, []).append((key, rule, layer))
-  for path, items in groups.items():
+    path = rule.param_path(layer)
     var = _get_path(state, path)
     shape, dtype, sharding = tuple(var.value.shape), var.value.dtype, shard_of(path)
-    rule = items[0][1]
-    src_sharding = _source_sharding(sharding, len(shape), rule.per_layer, rule.transpose)
-    if not rule.per_layer:
-      (key, _, _), = items
-      x = jax.device_put(_checked(read(key), rule, shape, key, where(key)), src_sharding)
-      var.value = _convert_fn(sharding, dtype, rule.transpose)(x)
-      del x
-      if progress:
-        progress(1)
-      continue
-    buf = _zeros_fn(shape, dtype, sharding)()
-    set_layer = _set_layer_fn(sharding, rule.transpose)
-    for key, _, layer in items:
-      x = jax.device_put(_checked(read(key), rule, shape[1:], key, where(key)), src_sharding)
-      buf = set_layer(buf, x, np.int32(layer))
-      del x
-      if progress:
-        progress(1)
-    var.value = buf
+    src_sharding = _source_sharding(sharding, len(shape), rule.transpose)
+    x = jax.device_put(_checked(read(key), rule, shape, key, where(key)), src_sharding)
+    var.value = _convert_fn(sharding, dtype, rule.transpose)(x)
+    del x
+    if progress:
+      progress(1)
 
 
 def _zero_unfilled(state, shard_of) -> None:
@@ -796,14 +774,14 @@ def _load_converted(path: Path, *, dtype, param_dtype, mesh, lora) -> Pretrained
 # --- export to HF ----------------------------------------------------------------------------------
 
 def _export_entries(state, entries: Mapping[str, tuple[KeyRule, int | None]], dtype):
-  """(key, dtype, HF shape, produce) per tensor; produce() fetches one layer slice at a time."""
+  """(key, dtype, HF shape, produce) per tensor; produce() fetches one tensor at a time."""
   out = []
   for key, (rule, layer) in entries.items():
-    var = _get_path(state, rule.path)
+    var = _get_path(state, rule.param_path(layer))
     out_dtype = np.dtype(var.value.dtype if dtype is None else dtype)
 
-    def produce(var=var, rule=rule, layer=layer, out_dtype=out_dtype):
-      x = var.value if layer is None else var.value[layer]
+    def produce(var=var, rule=rule, out_dtype=out_dtype):
+      x = var.value
       x = x.T if rule.transpose else x  # on the device: see the note above _zeros_fn
       return np.asarray(jax.device_get(x.astype(out_dtype)))
     out.append((key, out_dtype, _hf_shape(state, rule, layer), produce))

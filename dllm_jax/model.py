@@ -3,19 +3,18 @@
 The module tree mirrors the checkpoint: `encoder.{embed_tokens, layers, norm}` and `diffusion_head`,
 with each layer's `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj` kernels stored
 [in, out] (the transpose of PyTorch's [out, in]); a projection named in `LoRAConfig.targets` also
-holds its adapter factors `lora_a` / `lora_b`. Layers are created with `nnx.vmap` and run with
-`lax.scan`, so every layer parameter carries a leading `layers` axis and compile time does not grow
-with depth. Parameters carry logical axis names in their `axes` metadata (per layer, without the
-leading `layers` axis) for dllm_jax.sharding.
+holds its adapter factors `lora_a` / `lora_b`. Every layer is its own module with its own
+buffers (`encoder.layers[i]`), read in place by the forward. Parameters carry logical axis names in
+their `axes` metadata for dllm_jax.sharding.
 
-One forward serves every decoding mode (spec §4); `mode` picks the attention pattern and what
-happens to the cache:
-  "causal"     with a cache: K/V appended at each row's length, causal attention over the cache.
-               without: plain causal attention over the input.
-  "diffusion"  with a cache: the input block attends to the read-only cached prefix and
-               bidirectionally to itself; the cache is returned unchanged.
-               without: full bidirectional attention.
-  "block_diff" training dual stream [noisy ; clean] (spec §4.4), no cache.
+One forward serves every decoding mode (spec §4); `pattern` picks the attention pattern, decided
+once per forward (`attention_pattern`), and what happens to the cache:
+  "causal"         with a cache: K/V appended at each row's length, causal attention over the
+                   cache. Without: plain causal attention over the input.
+  "bidirectional"  with a cache: the input block attends to the read-only cached prefix and
+                   bidirectionally to itself; the cache is returned unchanged (unless `append`).
+                   Without: full bidirectional attention.
+  "block_diff"     training dual stream [noisy ; clean] (spec §4.4), no cache.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import weakref
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +33,7 @@ from dllm_jax import attention as attn_lib
 from dllm_jax.config import ModelConfig
 from dllm_jax.kv_cache import KVCache, write_layer
 
-MODES = ("causal", "diffusion", "block_diff")
+PATTERNS = ("causal", "bidirectional", "block_diff")
 
 
 # Linear modules an adapter may target (PEFT `target_modules` names) -> the layer submodule
@@ -254,23 +253,68 @@ class DecoderLayer(nnx.Module):
                                             param_dtype=param_dtype)
     self.mlp = MLP(cfg, lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
+  def __call__(self, h, rope, attend: Attend, kbuf, vbuf, lora: bool):
+    """One pre-norm layer; `attend` is the attention pattern, resolved once per forward."""
+    with jax.named_scope("attention_block"):
+      q, k, v = self.self_attn.qkv(self.input_layernorm(h), *rope, lora)
+      o, kbuf, vbuf = attend(q, k, v, kbuf, vbuf)
+      h = h + self.self_attn.out(o, lora)
+    with jax.named_scope("mlp_block"):
+      h = h + self.mlp(self.post_attention_layernorm(h), lora)
+    return h, kbuf, vbuf
+
 
 class Encoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, lora, *, dtype, param_dtype, rngs):
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
-
-    @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make_layers(layer_rngs):
-      return DecoderLayer(cfg, lora, dtype=dtype, param_dtype=param_dtype, rngs=layer_rngs)
-
-    self.layers = make_layers(rngs)
+    # One module, hence one set of buffers, per layer: the forward reads each layer's weights in
+    # place. A stacked [layers, ...] array scanned with lax.scan would be sliced into a copy of
+    # every layer's weights on each forward, by XLA:CPU and XLA:GPU alike (docs/benchmarks.md).
+    self.layers = nnx.List([DecoderLayer(cfg, lora, dtype=dtype, param_dtype=param_dtype,
+                                         rngs=rngs) for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
 
+# attend(q, k, v, kbuf, vbuf) -> (o, kbuf, vbuf): one layer's attention with its cache buffers.
+Attend = Callable[..., tuple[jax.Array, jax.Array | None, jax.Array | None]]
+
+
+def attention_pattern(pattern: str, cache: KVCache | None, *, append: bool, impl: str,
+                      block_size: int, key_valid: jax.Array | None) -> Attend:
+  """The per-layer attention for one forward (see the module docstring), decided once."""
+  if pattern not in PATTERNS:
+    raise ValueError(f"unknown attention pattern {pattern!r}; expected one of {PATTERNS}")
+  if cache is None:
+    if append:
+      raise ValueError("append=True needs a cache")
+    extra = dict(block_size=block_size) if pattern == "block_diff" else {}
+
+    def attend(q, k, v, kbuf, vbuf):
+      return (attn_lib.attention(q, k, v, mask=pattern, key_valid=key_valid, impl=impl, **extra),
+              kbuf, vbuf)
+    return attend
+  if pattern == "block_diff":
+    raise ValueError("block_diff is a training pattern and takes no cache")
+  offsets = cache.lengths
+  if pattern == "causal":
+    def attend(q, k, v, kbuf, vbuf):
+      kbuf, vbuf = write_layer(kbuf, k, offsets), write_layer(vbuf, v, offsets)
+      return (attn_lib.attention(q, kbuf, vbuf, mask="causal", q_offset=offsets, impl=impl),
+              kbuf, vbuf)
+    return attend
+
+  def attend(q, k, v, kbuf, vbuf):  # the block against the read-only prefix (slots < offsets)
+    o = attn_lib.attention(q, kbuf, vbuf, mask="prefix", kv_len=offsets, block_k=k, block_v=v,
+                           key_valid=key_valid, impl=impl)
+    if append:
+      kbuf, vbuf = write_layer(kbuf, k, offsets), write_layer(vbuf, v, offsets)
+    return o, kbuf, vbuf
+  return attend
+
+
 class NLDModel(nnx.Module):
-  """Embedding, scanned decoder layers, final norm and the (untied) `diffusion_head`."""
+  """Embedding, decoder layers, final norm and the (untied) `diffusion_head`."""
 
   def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=None,
                lora: LoRAConfig | None = None, rngs: nnx.Rngs):
@@ -281,44 +325,39 @@ class NLDModel(nnx.Module):
       self.diffusion_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"),
                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, tokens: jax.Array, *, mode: str = "causal", cache: KVCache | None = None,
-               positions: jax.Array | None = None, n_new: jax.Array | None = None,
-               append: bool | None = None, key_valid: jax.Array | None = None, lora: bool = False,
-               qscale_positions: jax.Array | None = None, impl: str | None = None,
-               logits_at: jax.Array | None = None, layer_states: list | None = None):
+  def __call__(self, tokens: jax.Array, *, pattern: str = "causal", cache: KVCache | None = None,
+               append: bool = False, n_new: jax.Array | None = None,
+               key_valid: jax.Array | None = None, lora: bool = False,
+               logits_at: jax.Array | None = None, positions: jax.Array | None = None,
+               qscale_positions: jax.Array | None = None):
     """tokens [B, T] -> (logits [B, T, V] in the compute dtype, cache).
 
-    positions: absolute positions [B, T]; default: cache length + arange(T) (0.. without cache;
-      for block_diff both halves get 0..n-1). qscale_positions: positions for the Llama-4 query
-      scale when they differ from the RoPE positions (training uses 0..2n-1 over both halves).
-    n_new: [B] number of leading input tokens per row that count as appended in causal-with-cache
-      mode (ragged prefill; default T). All T are written, only n_new[b] become visible.
-    append: whether a call with a cache appends its K/V (default: causal appends, diffusion reads
-      only). diffusion + append=True is the bidirectional prefill of `causal_context=False`: the
-      input attends to the prefix and bidirectionally to itself (padding masked by key_valid), and
-      its K/V are written like a causal call's.
-    key_valid: [B, T] key-padding mask for cache-less modes (and for the block in diffusion mode).
+    pattern: "causal", "bidirectional" or "block_diff" (module docstring).
+    cache: with "causal", the input's K/V are appended at each row's length; with
+      "bidirectional", the input attends to the cached prefix read-only, unless `append`.
+    append: "bidirectional" with a cache only: also write the input's K/V, like a causal call
+      (the bidirectional prefill of `causal_context=False`).
+    n_new: [B] number of leading input tokens per row that count as appended (ragged prefill;
+      default T). All T are written, only n_new[b] become visible.
+    key_valid: [B, T] key-padding mask for the input's own keys.
     lora: add the adapters' deltas on every targeted projection (the draft forward).
     logits_at: [B, K] input indices: return logits [B, K, V] at those positions only (a prefill
       needs one row per sequence; the full [B, T, V] would dwarf the activations at vocab 131k).
-    layer_states: per-layer parameter states from `unstack_layers`; when given, the layers run as
-      an unrolled Python loop over them instead of a scan over the stacked parameters.
+    positions: absolute positions [B, T]; default: cache length + arange(T) (0.. without cache;
+      for block_diff both halves get 0..n-1). qscale_positions: positions for the Llama-4 query
+      scale when they differ from the RoPE positions (training uses 0..2n-1 over both halves).
     """
     cfg = self.cfg
-    if mode not in MODES:
-      raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     if lora and self.lora is None:
       raise ValueError("lora=True but the model was built without a LoRA adapter")
-    impl = cfg.attention_impl if impl is None else impl
     b, t = tokens.shape
-    if mode == "block_diff":
-      if cache is not None:
-        raise ValueError("block_diff is a training pattern and takes no cache")
-      if t % 2:
-        raise ValueError(f"block_diff input must be [noisy ; clean] of even length, got {t}")
+    if pattern == "block_diff" and t % 2:
+      raise ValueError(f"block_diff input must be [noisy ; clean] of even length, got {t}")
+    attend = attention_pattern(pattern, cache, append=append, impl=cfg.attention_impl,
+                               block_size=cfg.block_size, key_valid=key_valid)
     offsets = cache.lengths if cache is not None else jnp.zeros((b,), jnp.int32)
     if positions is None:
-      if mode == "block_diff":
+      if pattern == "block_diff":
         half = jnp.arange(t // 2, dtype=jnp.int32)
         positions = jnp.broadcast_to(jnp.concatenate([half, half])[None], (b, t))
         if qscale_positions is None:
@@ -334,49 +373,12 @@ class NLDModel(nnx.Module):
               if cfg.llama_4_scaling_beta is not None else None)
 
     h = self.encoder.embed_tokens(tokens)
-    layers_def, layers_state = nnx.split(self.encoder.layers)
-    write = cache is not None and (mode == "causal" if append is None else append)
-    if append and (cache is None or mode == "block_diff"):
-      raise ValueError(f"append=True needs a cache and mode causal or diffusion, got mode={mode!r}")
-
-    def layer_body(carry, xs):
-      h, kbuf, vbuf = carry
-      layer_state, idx = xs
-      layer = nnx.merge(layers_def, layer_state)
-      with jax.named_scope("attention_block"):
-        a = layer.input_layernorm(h)
-        q, k, v = layer.self_attn.qkv(a, cos, sin, qscale, lora)
-        if write:
-          kbuf = write_layer(kbuf, idx, k, offsets)
-          vbuf = write_layer(vbuf, idx, v, offsets)
-        if write and mode == "causal":
-          o = attn_lib.attention(q, kbuf[idx], vbuf[idx], mask="causal", q_offset=offsets,
-                                 impl=impl)
-        elif cache is not None:  # diffusion against the prefix (slots < offsets) + the block
-          o = attn_lib.attention(q, kbuf[idx], vbuf[idx], mask="prefix", kv_len=offsets,
-                                 block_k=k, block_v=v, key_valid=key_valid, impl=impl)
-        elif mode == "causal":
-          o = attn_lib.attention(q, k, v, mask="causal", key_valid=key_valid, impl=impl)
-        elif mode == "diffusion":
-          o = attn_lib.attention(q, k, v, mask="bidirectional", key_valid=key_valid, impl=impl)
-        else:
-          o = attn_lib.attention(q, k, v, mask="block_diff", block_size=cfg.block_size,
-                                 key_valid=key_valid, impl=impl)
-        h = h + layer.self_attn.out(o, lora)
-      with jax.named_scope("mlp_block"):
-        h = h + layer.mlp(layer.post_attention_layernorm(h), lora)
-      return (h, kbuf, vbuf), None
-
-    kbuf = cache.k if cache is not None else None
-    vbuf = cache.v if cache is not None else None
-    if layer_states is None:
-      (h, kbuf, vbuf), _ = jax.lax.scan(
-          layer_body, (h, kbuf, vbuf), (layers_state, jnp.arange(cfg.num_layers)))
-    else:
-      carry = (h, kbuf, vbuf)
-      for idx, layer_state in enumerate(layer_states):
-        carry, _ = layer_body(carry, (layer_state, idx))
-      h, kbuf, vbuf = carry
+    ks, vs = [], []
+    for i, layer in enumerate(self.encoder.layers):
+      kbuf, vbuf = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
+      h, kbuf, vbuf = layer(h, (cos, sin, qscale), attend, kbuf, vbuf, lora)
+      ks.append(kbuf)
+      vs.append(vbuf)
     z = self.encoder.norm(h)
     if logits_at is not None:
       z = jnp.take_along_axis(z, logits_at[:, :, None], axis=1)
@@ -384,41 +386,18 @@ class NLDModel(nnx.Module):
       logits = self.encoder.embed_tokens.attend(z)
     else:
       logits = self.diffusion_head(z)
-    if write:
+    if cache is not None and (pattern == "causal" or append):
       appended = jnp.full((b,), t, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
-      cache = KVCache(kbuf, vbuf, offsets + appended)
+      cache = KVCache(tuple(ks), tuple(vs), offsets + appended)
     return logits, cache
 
 
-def lora_linears(model: NLDModel) -> dict[str, Linear]:
-  """target name -> the (layer-stacked) Linear carrying that adapter; empty without a LoRA."""
+def lora_linears(model: NLDModel) -> dict[str, list[Linear]]:
+  """target name -> the Linear carrying that adapter in each layer; empty without a LoRA."""
   if model.lora is None:
     return {}
-  layers = model.encoder.layers
-  return {t: getattr(getattr(layers, LORA_TARGETS[t]), t) for t in model.lora.targets}
-
-
-_UNSTACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def unstack_layers(model: NLDModel) -> list[nnx.State]:
-  """The stacked layer parameters as one state per layer, each in its own buffers.
-
-  XLA:CPU copies a layer's weights out of the stacked array on every scan step before each
-  matmul (measured: a 768x2304 matrix-vector product costs 0.83 ms sliced inside a scan, 0.23 ms
-  from its own buffer); per-layer buffers passed as `layer_states` avoid that copy at the price of
-  one copy of the layer weights and a program that grows with depth. The copy is kept with the
-  model and made again only when its layer parameters have been replaced.
-  """
-  _, state = nnx.split(model.encoder.layers)
-  leaves = jax.tree.leaves(state)
-  cached = _UNSTACKED.get(model)
-  if cached is not None and len(cached[0]) == len(leaves) and all(
-      a is b for a, b in zip(cached[0], leaves)):
-    return cached[1]
-  layers = [jax.tree.map(lambda x, i=i: x[i], state) for i in range(model.cfg.num_layers)]
-  _UNSTACKED[model] = (leaves, layers)
-  return layers
+  return {t: [getattr(getattr(layer, LORA_TARGETS[t]), t) for layer in model.encoder.layers]
+          for t in model.lora.targets}
 
 
 def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=None,

@@ -56,12 +56,11 @@ RULES: Mapping[str, str | None] = {
     "head_dim": None,
     "ffw": "model",
     "vocab": "model",
-    "layers": None,
     "cache_len": None,
     "lora_rank": None,
 }
 
-CACHE_AXES = ("layers", "batch", "cache_len", "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "cache_len", "kv_heads", "head_dim")  # one layer's k or v
 
 
 # --- meshes ---------------------------------------------------------------------------------------
@@ -149,14 +148,11 @@ def logical_sharding(mesh: Mesh | AbstractMesh, names: Sequence[str | None],
 
 
 def _param_names(path, var: nnx.Variable) -> tuple[str | None, ...]:
-  """Logical names of a parameter's dimensions, with the scanned `layers` axis prepended."""
+  """Logical names of a parameter's dimensions."""
   shape = var.shape
   names = tuple(var.get_metadata().get("axes") or ())
   if not names:
     return (None,) * len(shape)
-  keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-  if len(shape) == len(names) + 1 and keys[:2] == ["encoder", "layers"]:
-    names = ("layers",) + names
   if len(names) != len(shape):
     raise ValueError(f"parameter {jax.tree_util.keystr(tuple(path))}: axes {names} do not "
                      f"match its shape {tuple(shape)}")
@@ -180,9 +176,10 @@ def param_shardings(state: nnx.State, mesh: Mesh | AbstractMesh,
 
 
 def cache_shardings(mesh: Mesh | AbstractMesh, cfg: ModelConfig) -> KVCache:
-  """KVCache of shardings: k/v [layers, batch, cache_len, kv_heads, head_dim], lengths [batch]."""
+  """KVCache of shardings: each layer's k/v [batch, cache_len, kv_heads, head_dim], lengths
+  [batch]. Hashable, so it can be a jit static argument."""
   rules = mesh_rules(cfg, mesh)
-  kv = logical_sharding(mesh, CACHE_AXES, rules)
+  kv = (logical_sharding(mesh, CACHE_AXES, rules),) * cfg.num_layers
   return KVCache(kv, kv, logical_sharding(mesh, ("batch",), rules))
 
 

@@ -25,9 +25,9 @@ from dllm_jax.kv_cache import KVCache
 from dllm_jax.model import forward
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "lora", "append"))
-def _call(graphdef, state, tokens, cache, n_new, key_valid=None, *, mode, lora=False, append=None):
-  return forward(graphdef, state, tokens, mode=mode, cache=cache, n_new=n_new, lora=lora,
+@functools.partial(jax.jit, static_argnames=("graphdef", "pattern", "lora", "append"))
+def _call(graphdef, state, tokens, cache, n_new, key_valid=None, *, pattern, lora=False, append=False):
+  return forward(graphdef, state, tokens, pattern=pattern, cache=cache, n_new=n_new, lora=lora,
                  append=append, key_valid=key_valid)
 
 
@@ -38,9 +38,9 @@ class Eager:
     self.graphdef, self.state = nnx.split(model)
     self.cfg = model.cfg
 
-  def __call__(self, tokens, cache, *, mode, lora=False):
+  def __call__(self, tokens, cache, *, pattern, lora=False):
     logits, cache = _call(self.graphdef, self.state, jnp.asarray([tokens], jnp.int32), cache,
-                          None, mode=mode, lora=lora)
+                          None, pattern=pattern, lora=lora)
     return np.asarray(logits[0]), cache
 
   def prefill(self, prompt, cache, pad_to, bidirectional=False):
@@ -59,9 +59,9 @@ class Eager:
     if bidirectional:
       valid = jnp.arange(pad_to)[None, :] < len(prompt)
       logits, cache = _call(self.graphdef, self.state, tokens, cache, n_new, valid,
-                            mode="diffusion", append=True)
+                            pattern="bidirectional", append=True)
     else:
-      logits, cache = _call(self.graphdef, self.state, tokens, cache, n_new, mode="causal")
+      logits, cache = _call(self.graphdef, self.state, tokens, cache, n_new, pattern="causal")
     return np.asarray(logits[0, :len(prompt)]), cache
 
 
@@ -112,7 +112,7 @@ def block_diffusion(model: Eager, prompt, *, max_new_tokens, block_length, thres
       if not any(is_mask):
         break
       nfe += 1
-      logits, _ = model(block, cache, mode="diffusion")
+      logits, _ = model(block, cache, pattern="bidirectional")
       cand = sample(logits, temperature, seed, 1 + k * (size + 1) + i)
       p = softmax(logits)
       conf = np.array([p[t, cand[t]] if is_mask[t] else -np.inf for t in range(size)], p.dtype)
@@ -130,7 +130,7 @@ def block_diffusion(model: Eager, prompt, *, max_new_tokens, block_length, thres
         first = first_index(block, eos)
         if first is not None and mask_id not in block[:first]:
           break
-    logits, cache = model(x[start:start + size], cache, mode="causal")
+    logits, cache = model(x[start:start + size], cache, pattern="causal")
     nfe += 1
     seed_tok = sample(logits[-1:], temperature, seed, 1 + k * (size + 1) + size)[0]
     if eos is not None and eos in x[p_len:]:
@@ -155,7 +155,7 @@ def autoregressive(model: Eager, prompt, *, max_new_tokens, temperature, seed, e
     if eos is not None and tok == eos:
       break
     if step < max_new_tokens - 1:
-      logits, cache = model([tok], cache, mode="causal")
+      logits, cache = model([tok], cache, pattern="causal")
       logit = logits[-1:]
   return generated, nfe
 
@@ -184,7 +184,7 @@ def self_speculation(model: Eager, prompt, *, max_new_tokens, block_length, thre
     # mask id: the one place where this transcription deliberately departs from the reference.
     while mask_id in block[1:] and j < size:
       is_mask = [i > 0 and t == mask_id for i, t in enumerate(block)]
-      logits, _ = model(block, cache, mode="diffusion", lora=lora)
+      logits, _ = model(block, cache, pattern="bidirectional", lora=lora)
       nfe += 1
       cand = sample(logits, temperature, seed, 1 + rnd * (size + 1) + j)
       j += 1
@@ -199,7 +199,7 @@ def self_speculation(model: Eager, prompt, *, max_new_tokens, block_length, thre
       else:
         block = [cand[t] if is_mask[t] else block[t] for t in range(size)]
         break
-    logits, cache = model(block, cache, mode="causal")
+    logits, cache = model(block, cache, pattern="causal")
     nfe += 1
     ar = sample(logits, temperature, seed, 1 + rnd * (size + 1) + size)
     a = 0
@@ -228,14 +228,16 @@ def self_speculation(model: Eager, prompt, *, max_new_tokens, block_length, thre
   return generated, nfe, accepted_lengths
 
 
-def structured_model(seed: int = 0, lora: bool = True) -> NLDModel:
+def structured_model(seed: int = 22, lora: bool = True) -> NLDModel:
   """The `tiny` model with structure, so that decoding is not degenerate.
 
   Random weights alone almost never let a diffusion draft agree with the causal verifier nor lift
   confidences over 0.9. Here every embedding row (MASK included) shares one direction c, the
   context-specific part is shrunk, and four output tokens {7, 22, 41, 63} read c strongly and
   separate from one another along random directions orthogonal to c: the model mostly emits one
-  of them, confidently, with the choice depending on context.
+  of them, confidently, with the choice depending on context. Whether the choice varies enough
+  depends on the draw; the default seed is one whose model the parity grids find exercising
+  multi-token commits and mid-block EOS (the tests assert both).
   """
   cfg = preset("tiny")
   model = NLDModel(cfg, lora=LoRAConfig(4, 8) if lora else None, rngs=nnx.Rngs(seed))
@@ -257,7 +259,8 @@ def structured_model(seed: int = 0, lora: bool = True) -> NLDModel:
     # Every rank of the adapter writes along the direction that separates token 41 from 63, so
     # drafts with the LoRA differ from drafts without it (the untrained adapter is the identity).
     toward = head[:, 41] - head[:, 63]
-    o_proj = model.encoder.layers.self_attn.o_proj
-    o_proj.lora_b[...] = jnp.broadcast_to(
-        jnp.asarray(1.0 * toward / np.linalg.norm(toward), jnp.float32), o_proj.lora_b[...].shape)
+    for layer in model.encoder.layers:
+      o_proj = layer.self_attn.o_proj
+      o_proj.lora_b[...] = jnp.broadcast_to(
+          jnp.asarray(1.0 * toward / np.linalg.norm(toward), jnp.float32), o_proj.lora_b[...].shape)
   return model

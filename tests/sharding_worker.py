@@ -27,7 +27,7 @@ from flax import nnx
 
 from dllm_jax import KVCache, LoRAConfig, NLDModel, preset
 from dllm_jax import sharding as shd
-from dllm_jax.decode import generate
+from dllm_jax.decode import generate, settings_for
 from dllm_jax.model import lora_linears
 
 MESHES = ((1, 8), (2, 4), (4, 2), (8, 1))
@@ -113,7 +113,7 @@ def generate_all(model: NLDModel, mesh=None) -> dict[str, np.ndarray]:
   prompts = [row[:n].tolist() for row, n in zip(tokens, lengths)]
   results = {}
   for mode in GENERATE_MODES:
-    rows = generate(model, prompts, mode=mode, mesh=mesh, **GENERATE_KW).tokens
+    rows = generate(model, prompts, settings_for(mode, **GENERATE_KW), mesh=mesh).tokens
     # A speculative round may run past max_new_tokens by up to one block.
     width = GENERATE_KW["max_new_tokens"] + GENERATE_KW["block_length"]
     padded = np.full((len(rows), width), -1, np.int32)

@@ -130,17 +130,17 @@ def test_lora_matches_merged_o_proj(ckpts, torch_model):
   assert pre.lora == ckpt.LoRAConfig(RANK, ALPHA)
   draft_model, merged = _draft_reference(
       torch_model, ckpts["fp32"] / "linear_spec_lora" / "adapter_model.safetensors")
-  o_proj = pre.model.encoder.layers.self_attn.o_proj
-  for i in range(CFG.num_layers):
+  for i, layer in enumerate(pre.model.encoder.layers):
+    o_proj = layer.self_attn.o_proj
     # Effective draft kernel from the loaded params, [in, out].
-    kernel = (np.asarray(o_proj.kernel[...][i], np.float64)
-              + ALPHA / RANK * np.asarray(o_proj.lora_a[...][i], np.float64)
-              @ np.asarray(o_proj.lora_b[...][i], np.float64))
+    kernel = (np.asarray(o_proj.kernel[...], np.float64)
+              + ALPHA / RANK * np.asarray(o_proj.lora_a[...], np.float64)
+              @ np.asarray(o_proj.lora_b[...], np.float64))
     np.testing.assert_allclose(kernel, merged[f"model.layers.{i}.self_attn.o_proj.weight"].T,
                                rtol=0, atol=1e-6)
-  draft, _ = pre.model(jnp.asarray(TOKENS), mode="causal", lora=True)
+  draft, _ = pre.model(jnp.asarray(TOKENS), pattern="causal", lora=True)
   assert _rel_err(draft, cu.torch_logits(draft_model, TOKENS)) <= 1e-4
-  base, _ = pre.model(jnp.asarray(TOKENS), mode="causal", lora=False)
+  base, _ = pre.model(jnp.asarray(TOKENS), pattern="causal", lora=False)
   assert _rel_err(base, cu.torch_logits(torch_model, TOKENS)) <= 1e-4
 
 
@@ -152,18 +152,19 @@ def test_lora_on_several_targets_matches_merged(ckpts, torch_model):
   layers = pre.model.encoder.layers
   for target in MULTI:
     module = "mlp" if target == "down_proj" else "self_attn"
-    linear = getattr(getattr(layers, module), target)
-    for i in range(CFG.num_layers):
-      kernel = (np.asarray(linear.kernel[...][i], np.float64)
-                + ALPHA / RANK * np.asarray(linear.lora_a[...][i], np.float64)
-                @ np.asarray(linear.lora_b[...][i], np.float64))
+    for i, layer in enumerate(layers):
+      linear = getattr(getattr(layer, module), target)
+      kernel = (np.asarray(linear.kernel[...], np.float64)
+                + ALPHA / RANK * np.asarray(linear.lora_a[...], np.float64)
+                @ np.asarray(linear.lora_b[...], np.float64))
       np.testing.assert_allclose(kernel, merged[f"model.layers.{i}.{module}.{target}.weight"].T,
                                  rtol=0, atol=1e-6, err_msg=f"{target} layer {i}")
   # Projections outside the targets carry no adapter.
-  assert not hasattr(layers.self_attn.k_proj, "lora_a") and not hasattr(layers.mlp.up_proj, "lora_a")
-  draft, _ = pre.model(jnp.asarray(TOKENS), mode="causal", lora=True)
+  assert not any(hasattr(layer.self_attn.k_proj, "lora_a") or hasattr(layer.mlp.up_proj, "lora_a")
+                 for layer in layers)
+  draft, _ = pre.model(jnp.asarray(TOKENS), pattern="causal", lora=True)
   assert _rel_err(draft, cu.torch_logits(draft_model, TOKENS)) <= 1e-4
-  base, _ = pre.model(jnp.asarray(TOKENS), mode="causal", lora=False)
+  base, _ = pre.model(jnp.asarray(TOKENS), pattern="causal", lora=False)
   assert _rel_err(base, cu.torch_logits(torch_model, TOKENS)) <= 1e-4
 
 
@@ -200,8 +201,8 @@ def test_save_converted_fp32_round_trip(ckpts, tmp_path):
 def test_corrupt_converted_dir(ckpts, tmp_path):
   conv = save_converted(load_pretrained(ckpts["fp32"], dtype=jnp.float32), tmp_path / "conv")
   _set_config(conv, intermediate_size=96)
-  with pytest.raises(CheckpointError, match=r"params: param 'encoder.layers.mlp.down_proj.kernel' "
-                     r"has shape \(2, 128, 64\), but config.json implies \(2, 96, 64\)"):
+  with pytest.raises(CheckpointError, match=r"params: param 'encoder.layers.0.mlp.down_proj.kernel' "
+                     r"has shape \(128, 64\), but config.json implies \(96, 64\)"):
     load_pretrained(conv)
   _set_config(conv, intermediate_size=CFG.intermediate_size)
   shutil.rmtree(conv / "lora")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import decode_reference as ref
-from dllm_jax.decode import generate
+from dllm_jax.decode import AR, Diffusion, Spec, generate, settings_for
 from dllm_jax.decode.sampling import select_threshold, transfer_schedule
 
 N, EOS = 32, 63
@@ -20,13 +20,14 @@ def model():
   return ref.structured_model()
 
 
-@pytest.mark.parametrize("mode,block_length,threshold", [
-    ("ar", 8, None), ("diffusion", 4, 0.9), ("diffusion", 4, None), ("spec", 8, 0.0)])
-def test_batched_rows_equal_rows_alone(model, mode, block_length, threshold):
-  kw = dict(mode=mode, max_new_tokens=N, block_length=block_length, threshold=threshold,
-            eos_token_ids=EOS)
-  batched = generate(model, BATCH, **kw)
-  alone = [generate(model, [p], **kw) for p in BATCH]
+@pytest.mark.parametrize("settings", [
+    AR(max_new_tokens=N, eos_token_ids=EOS),
+    Diffusion(max_new_tokens=N, block_length=4, threshold=0.9, eos_token_ids=EOS),
+    Diffusion(max_new_tokens=N, block_length=4, fixed_schedule=True, eos_token_ids=EOS),
+    Spec(max_new_tokens=N, block_length=8, threshold=0.0, eos_token_ids=EOS)])
+def test_batched_rows_equal_rows_alone(model, settings):
+  batched = generate(model, BATCH, settings)
+  alone = [generate(model, [p], settings) for p in BATCH]
   for b, single in enumerate(alone):
     assert batched.tokens[b] == single.tokens[0], b
     assert batched.nfe[b] == single.nfe[0], b
@@ -45,41 +46,33 @@ def _same_as_greedy(spec_tokens, ar_tokens):
 @pytest.mark.parametrize("draft_lora", [False, True])
 def test_greedy_speculation_emits_greedy_autoregressive_output(model, draft_lora):
   prompts = BATCH
-  kw = dict(mode="spec", max_new_tokens=N, block_length=8, draft_lora=draft_lora,
-            eos_token_ids=EOS)
-  want = generate(model, prompts, mode="ar", max_new_tokens=N, eos_token_ids=EOS).tokens
+  spec = Spec(max_new_tokens=N, block_length=8, draft_lora=draft_lora, eos_token_ids=EOS)
+  want = generate(model, prompts, AR(max_new_tokens=N, eos_token_ids=EOS)).tokens
   for b, prompt in enumerate(prompts):
-    assert _same_as_greedy(generate(model, [prompt], **kw).tokens[0], want[b]), b
-  got = generate(model, prompts, **kw)
+    assert _same_as_greedy(generate(model, [prompt], spec).tokens[0], want[b]), b
+  got = generate(model, prompts, spec)
   for b, tokens in enumerate(got.tokens):
     assert _same_as_greedy(tokens, want[b]), b
-  assert max(max(a) for a in got.accepted_lengths) > 1  # rows accepted several drafts per round
+  assert max(max(a, default=0) for a in got.accepted_lengths) > 1  # several drafts per round
   assert len({tuple(a) for a in got.accepted_lengths}) > 1  # and different lengths per row
 
 
 def test_speculation_stays_greedy_when_the_seed_is_the_mask_id():
-  # A favoured output token doubles as the mask id: the verifier then emits it as a seed.
+  # A token of every row's greedy output doubles as the mask id: the verifier emits it as a seed.
   model = ref.structured_model()
-  model.cfg = model.cfg.replace(mask_token_id=41)
-  want = generate(model, BATCH, mode="ar", max_new_tokens=N, eos_token_ids=()).tokens
-  assert all(41 in row[:-1] for row in want)
-  got = generate(model, BATCH, mode="spec", max_new_tokens=N, block_length=8, eos_token_ids=())
+  want = generate(model, BATCH, AR(max_new_tokens=N, eos_token_ids=())).tokens
+  in_every_row = set.intersection(*(set(row[:-1]) for row in want))
+  assert in_every_row
+  got = generate(model, BATCH, Spec(max_new_tokens=N, block_length=8, eos_token_ids=(),
+                                    mask_token_id=min(in_every_row)))
   for b, tokens in enumerate(got.tokens):  # no EOS: speculation may overshoot by up to B - 1
     assert tokens[:N] == want[b] and len(tokens) < N + 8, b
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
-def test_unrolled_layers_equal_scanned_layers(model, mode):
-  kw = dict(mode=mode, max_new_tokens=N, block_length=8, eos_token_ids=EOS)
-  scanned = generate(model, BATCH, unroll_layers=False, **kw)
-  unrolled = generate(model, BATCH, unroll_layers=True, **kw)
-  assert (unrolled.tokens, unrolled.nfe) == (scanned.tokens, scanned.nfe)
-
-
 def test_lora_changes_the_draft(model):
-  kw = dict(mode="spec", max_new_tokens=N, block_length=8, eos_token_ids=())
-  with_lora = generate(model, BATCH, draft_lora=True, **kw)
-  without = generate(model, BATCH, draft_lora=False, **kw)
+  kw = dict(max_new_tokens=N, block_length=8, eos_token_ids=())
+  with_lora = generate(model, BATCH, Spec(draft_lora=True, **kw))
+  without = generate(model, BATCH, Spec(draft_lora=False, **kw))
   assert with_lora.accepted_lengths != without.accepted_lengths
 
 
@@ -90,12 +83,12 @@ def test_no_recompilation_for_a_new_batch_in_the_same_bucket(model):
     if event == "/jax/core/compile/backend_compile_duration":
       compiles.append(duration)
 
-  kw = dict(mode="diffusion", max_new_tokens=N, block_length=4, eos_token_ids=EOS)
-  generate(model, BATCH, **kw)
+  kw = dict(max_new_tokens=N, block_length=4, eos_token_ids=EOS)
+  generate(model, BATCH, Diffusion(**kw))
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
     second = generate(model, [[9, 8, 7, 6, 5, 4, 3, 2, 1, 12, 13], [30, 31], [40]],
-                      threshold=None, seed=1, **kw)
+                      Diffusion(fixed_schedule=True, seed=1, **kw))
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
   assert compiles == []
@@ -105,13 +98,13 @@ def test_no_recompilation_for_a_new_batch_in_the_same_bucket(model):
 @pytest.mark.parametrize("mode,block_length,eos", [("diffusion", 4, EOS), ("spec", 8, ())])
 def test_streaming_delivers_the_same_tokens(model, mode, block_length, eos):
   received = {}
-  kw = dict(mode=mode, max_new_tokens=N, block_length=block_length, eos_token_ids=eos)
+  settings = settings_for(mode, max_new_tokens=N, block_length=block_length, eos_token_ids=eos)
   prompts = BATCH
   def on_tokens(row, ids):
     received.setdefault(row, []).append(ids)
 
-  streamed = generate(model, prompts, on_tokens=on_tokens, **kw)
-  compiled = generate(model, prompts, **kw)
+  streamed = generate(model, prompts, settings, on_tokens=on_tokens)
+  compiled = generate(model, prompts, settings)
   assert streamed.tokens == compiled.tokens and streamed.nfe == compiled.nfe
   for b, tokens in enumerate(compiled.tokens):
     assert sum(received[b], []) == tokens
@@ -122,20 +115,23 @@ def test_streaming_delivers_the_same_tokens(model, mode, block_length, eos):
 def test_argument_errors(model):
   no_lora = ref.structured_model(lora=False)
   cases = [
-      (dict(mode="beam"), "mode"),
-      (dict(mode="diffusion", max_new_tokens=30, block_length=8), "multiple of block_length"),
-      (dict(block_length=0), "block_length"),
-      (dict(mode="ar", max_new_tokens=2000), "max_position_embeddings"),
+      (lambda: settings_for("beam"), "mode"),
+      (lambda: settings_for("ar", threshold=0.5), "threshold is not a setting of ar"),
+      (lambda: Diffusion(max_new_tokens=30, block_length=8), "multiple of block_length"),
+      (lambda: Diffusion(max_new_tokens=30), "multiple of block_length"),  # the model's block 32
+      (lambda: Diffusion(block_length=0), "block_length"),
+      (lambda: AR(max_new_tokens=2000), "max_position_embeddings"),
+      (lambda: AR(eos_token_ids=(999,)), "outside the vocabulary"),
   ]
-  for kw, words in cases:
+  for make, words in cases:
     with pytest.raises(ValueError, match=words):
-      generate(model, [[1, 2]], **kw)
+      generate(model, [[1, 2]], make())
   with pytest.raises(ValueError, match="empty"):
     generate(model, [[1, 2], []])
   with pytest.raises(ValueError, match="vocab_size"):
     generate(model, [[1, 999]])
   with pytest.raises(ValueError, match="no LoRA"):
-    generate(no_lora, [[1, 2]], mode="spec", draft_lora=True)
+    generate(no_lora, [[1, 2]], Spec(draft_lora=True))
 
 
 def test_threshold_is_compared_in_the_confidence_dtype():

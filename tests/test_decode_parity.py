@@ -4,12 +4,13 @@ Batch size 1 (the reference's own setting), identical tokens and identical NFE o
 prompt lengths, block lengths, thresholds, EOS and thinking-budget settings, greedy and sampled.
 """
 
+import dataclasses
 import itertools
 
 import pytest
 
 import decode_reference as ref
-from dllm_jax.decode import bucket_length, cache_length, generate
+from dllm_jax.decode import AR, Diffusion, Spec, bucket_length, cache_length, generate
 
 PROMPTS = ([5, 9, 20, 33, 41], [60, 2, 3], [70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80])
 N = 32
@@ -43,6 +44,13 @@ def _engine_knobs(eos, think):
               end_think_token_id=END_THINK if think else None)
 
 
+def _diffusion(threshold, **kw):
+  """The engine's settings for the reference's threshold (None: the fixed transfer schedule)."""
+  if threshold is None:
+    return Diffusion(fixed_schedule=True, **kw)
+  return Diffusion(threshold=threshold, **kw)
+
+
 # (eos, max_thinking_tokens) combinations
 EOS_THINK = [(None, None), (EOS, None), (None, 6), (EOS, 6)]
 
@@ -62,8 +70,9 @@ def test_block_diffusion_matches_reference(model, eager):
         eager, prompt, max_new_tokens=N, block_length=block_length, threshold=threshold,
         temperature=0.0, seed=0, **_shapes(prompt, block_length), mask_id=MASK,
         **_knobs(eos, think))
-    got = generate(model, [prompt], mode="diffusion", max_new_tokens=N,
-                   block_length=block_length, threshold=threshold, **_engine_knobs(eos, think))
+    got = generate(model, [prompt], _diffusion(threshold, max_new_tokens=N,
+                                               block_length=block_length,
+                                               **_engine_knobs(eos, think)))
     case = (block_length, threshold, len(prompt), eos, think)
     assert got.tokens[0] == want, case
     assert got.nfe[0] == want_nfe, case
@@ -84,10 +93,10 @@ def test_block_diffusion_without_causal_context_matches_reference(model, eager):
     want, want_nfe = ref.block_diffusion(
         eager, prompt, temperature=0.0, seed=0, **_shapes(prompt, block_length), mask_id=MASK,
         causal_context=False, **_knobs(EOS, None), **kw)
-    got = generate(model, [prompt], mode="diffusion", causal_context=False,
-                   **_engine_knobs(EOS, None), **kw)
+    got = generate(model, [prompt], _diffusion(causal_context=False, **_engine_knobs(EOS, None),
+                                               **kw))
     assert (got.tokens[0], got.nfe[0]) == (want, want_nfe), (block_length, threshold)
-    with_context = generate(model, [prompt], mode="diffusion", **_engine_knobs(EOS, None), **kw)
+    with_context = generate(model, [prompt], _diffusion(**_engine_knobs(EOS, None), **kw))
     differs.append((got.tokens[0], got.nfe[0]) != (with_context.tokens[0], with_context.nfe[0]))
   assert any(differs)  # the switch really changes the decode
 
@@ -96,7 +105,7 @@ def test_autoregressive_matches_reference(model, eager):
   for prompt, (eos, think) in itertools.product(PROMPTS, EOS_THINK):
     want, want_nfe = ref.autoregressive(eager, prompt, max_new_tokens=N, temperature=0.0, seed=0,
                                         **_shapes(prompt, 1), **_knobs(eos, think))
-    got = generate(model, [prompt], mode="ar", max_new_tokens=N, **_engine_knobs(eos, think))
+    got = generate(model, [prompt], AR(max_new_tokens=N, **_engine_knobs(eos, think)))
     assert got.tokens[0] == want, (len(prompt), eos, think)
     assert got.nfe[0] == want_nfe == len(want)
 
@@ -109,8 +118,9 @@ def test_self_speculation_matches_reference(model, eager, block_length, lora):
         eager, prompt, max_new_tokens=N, block_length=block_length, threshold=threshold,
         temperature=0.0, seed=0, **_shapes(prompt, block_length), mask_id=MASK,
         lora=lora, **_knobs(eos, think))
-    got = generate(model, [prompt], mode="spec", max_new_tokens=N, block_length=block_length,
-                   threshold=threshold, draft_lora=lora, **_engine_knobs(eos, think))
+    got = generate(model, [prompt], Spec(max_new_tokens=N, block_length=block_length,
+                                         threshold=threshold, draft_lora=lora,
+                                         **_engine_knobs(eos, think)))
     case = (threshold, len(prompt), eos, think)
     assert got.tokens[0] == want, case
     assert got.nfe[0] == want_nfe, case
@@ -122,7 +132,7 @@ def test_self_speculation_matches_reference(model, eager, block_length, lora):
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
 def test_sampling_matches_reference_with_same_noise(model, eager, mode):
-  temperature, seed, block_length = 0.8, 3, 8
+  temperature, seed, block_length = 1.5, 3, 8
   streams = set()
   for prompt in PROMPTS[:2]:
     kw = dict(max_new_tokens=N, temperature=temperature, seed=seed, eos=None,
@@ -137,12 +147,15 @@ def test_sampling_matches_reference_with_same_noise(model, eager, mode):
       want, want_nfe, _ = ref.self_speculation(
           eager, prompt, block_length=block_length, threshold=0.5, mask_id=MASK, lora=True,
           **_shapes(prompt, block_length), **kw)
-    got = generate(model, [prompt], mode=mode, max_new_tokens=N, block_length=block_length,
-                   threshold=0.5 if mode == "spec" else 0.9, temperature=temperature, seed=seed,
-                   eos_token_ids=())
+    settings = {"ar": AR(max_new_tokens=N, eos_token_ids=()),
+                "diffusion": Diffusion(max_new_tokens=N, block_length=block_length, threshold=0.9,
+                                       eos_token_ids=()),
+                "spec": Spec(max_new_tokens=N, block_length=block_length, threshold=0.5,
+                             eos_token_ids=())}[mode]
+    got = generate(model, [prompt], dataclasses.replace(settings, temperature=temperature,
+                                                        seed=seed))
     assert got.tokens[0] == want
     assert got.nfe[0] == want_nfe
-    greedy = generate(model, [prompt], mode=mode, max_new_tokens=N, block_length=block_length,
-                      threshold=0.5 if mode == "spec" else 0.9, eos_token_ids=())
+    greedy = generate(model, [prompt], settings)
     streams.add(tuple(want) != tuple(greedy.tokens[0]))
   assert True in streams  # sampling actually departs from greedy decoding

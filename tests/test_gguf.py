@@ -114,24 +114,21 @@ def greedy_ref(hf_model, ckpt):
 
 
 def test_greedy_ar_matches_transformers(ckpt, model, greedy_ref):
-  from dllm_jax.decode import generate
+  from dllm_jax.decode import AR, generate
   ids = ckpt.tokenizer.encode_chat(PROMPT)
   # EOS off on both sides, so all NEW_TOKENS ids are compared.
-  res = generate(model, [ids], mode="ar", max_new_tokens=NEW_TOKENS, eos_token_ids=())
+  res = generate(model, [ids], AR(max_new_tokens=NEW_TOKENS, eos_token_ids=()))
   assert res.tokens[0] == greedy_ref
   assert ckpt.tokenizer.decode(greedy_ref).strip()  # real text, not only special tokens
 
 
 def test_greedy_self_speculation_equals_ar(ckpt, model, greedy_ref):
   """Spec mode on the AR model, drafting with an id the model never produces as MASK."""
-  from dllm_jax.decode import generate
+  from dllm_jax.decode import Spec, generate
   ids = ckpt.tokenizer.encode_chat(PROMPT)
-  model.cfg = ckpt.config.replace(mask_token_id=16)  # <empty_output>, as configs/default.py
-  try:
-    res = generate(model, [ids], mode="spec", max_new_tokens=NEW_TOKENS, block_length=4,
-                   eos_token_ids=())
-  finally:
-    model.cfg = ckpt.config
+  # mask id 16 = <empty_output>, as configs/default.py
+  res = generate(model, [ids], Spec(max_new_tokens=NEW_TOKENS, block_length=4, eos_token_ids=(),
+                                    mask_token_id=16))
   assert res.tokens[0][:NEW_TOKENS] == greedy_ref
   assert res.nfe[0] < 2 * len(res.tokens[0]) + 2  # at most one draft + one verify per round
 

@@ -109,13 +109,13 @@ def _runner(model):
 def _greedy(run, cfg, prompts, lengths, steps, max_len):
   """Padded prefill, then `steps` greedy single-token decode steps; returns (tokens, logits)."""
   cache = KVCache.init(cfg, prompts.shape[0], max_len)
-  logits, cache = run(prompts, mode="causal", cache=cache, n_new=lengths)
+  logits, cache = run(prompts, pattern="causal", cache=cache, n_new=lengths)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
   all_logits, tokens = [last], []
   for _ in range(steps):
     nxt = jnp.argmax(all_logits[-1], -1).astype(jnp.int32)
     tokens.append(nxt)
-    logits, cache = run(nxt[:, None], mode="causal", cache=cache)
+    logits, cache = run(nxt[:, None], pattern="causal", cache=cache)
     all_logits.append(logits[:, 0])
   return np.stack(tokens, 1), np.stack(all_logits, 1), cache
 
@@ -132,10 +132,10 @@ def test_model_pallas_matches_xla_greedy_and_diffusion(rng):
   np.testing.assert_allclose(log_p, log_x, atol=1e-5)
   # A denoising step against the cached prefix (the "prefix" pattern), then the training mask.
   block = jnp.full((2, 4), cfg.mask_token_id, jnp.int32)
-  np.testing.assert_allclose(pallas(block, mode="diffusion", cache=cache_p)[0],
-                             xla(block, mode="diffusion", cache=cache_x)[0], atol=1e-5)
+  np.testing.assert_allclose(pallas(block, pattern="bidirectional", cache=cache_p)[0],
+                             xla(block, pattern="bidirectional", cache=cache_x)[0], atol=1e-5)
   seq = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, 2 * 2 * cfg.block_size)), jnp.int32)
-  np.testing.assert_allclose(pallas(seq, mode="block_diff")[0], xla(seq, mode="block_diff")[0],
+  np.testing.assert_allclose(pallas(seq, pattern="block_diff")[0], xla(seq, pattern="block_diff")[0],
                              atol=1e-5)
 
 

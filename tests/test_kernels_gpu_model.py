@@ -37,19 +37,19 @@ def _run_patterns(model, impl, training=True):
   lengths = jnp.array([96, 17, 64], jnp.int32)
   cache = KVCache.init(cfg, 3, 256, model.dtype)
   out = []
-  logits, cache = run(state, prompts, mode="causal", cache=cache, n_new=lengths)
+  logits, cache = run(state, prompts, pattern="causal", cache=cache, n_new=lengths)
   out.append(jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1))
   for step in range(3):
     tok = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, 1)), jnp.int32)
-    logits, cache = run(state, tok, mode="causal", cache=cache)
+    logits, cache = run(state, tok, pattern="causal", cache=cache)
     out.append(logits)
   block = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, 32)), jnp.int32)
   block = block.at[:, 5:].set(cfg.mask_token_id)
-  out.append(run(state, block, mode="diffusion", cache=cache)[0])
-  out.append(run(state, block, mode="causal", cache=cache)[0])
+  out.append(run(state, block, pattern="bidirectional", cache=cache)[0])
+  out.append(run(state, block, pattern="causal", cache=cache)[0])
   if training:
     seq = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 4 * cfg.block_size)), jnp.int32)
-    out.append(run(state, seq, mode="block_diff")[0])
+    out.append(run(state, seq, pattern="block_diff")[0])
   return [np.asarray(x, np.float32) for x in out]
 
 

@@ -97,7 +97,7 @@ def test_diffusion_block_against_cached_prefix(pair):
   cache = KVCache.init(cfg, 2, 64)
   _, cache = m(jnp.asarray(ids[:, :prefix]), cache=cache)
   before = jax.tree.map(np.asarray, cache)
-  got, after = m(jnp.asarray(ids[:, prefix:]), mode="diffusion", cache=cache)
+  got, after = m(jnp.asarray(ids[:, prefix:]), pattern="bidirectional", cache=cache)
   assert rel_err(got, want) <= REL_TOL
   # The read-only prefix: diffusion mode leaves every cache entry and length untouched.
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
@@ -108,7 +108,7 @@ def test_bidirectional_without_cache(pair):
   tm, _, m = pair
   ids = np.random.default_rng(5).integers(0, 128, (1, 12))
   mask = torch.ones((1, 1, 12, 12), dtype=torch.bool)
-  got, _ = m(jnp.asarray(ids), mode="diffusion")
+  got, _ = m(jnp.asarray(ids), pattern="bidirectional")
   assert rel_err(got, torch_logits(tm, ids, mask)) <= REL_TOL
 
 
@@ -143,15 +143,3 @@ def test_pure_forward_under_jit_takes_only_arrays(pair):
   ids = np.random.default_rng(7).integers(0, 128, (1, 10))
   fwd = jax.jit(lambda s, x: forward(graphdef, s, x)[0])
   assert rel_err(fwd(state, jnp.asarray(ids)), torch_logits(tm, ids)) <= REL_TOL
-
-
-def test_program_size_does_not_grow_with_depth():
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from dllm_jax.config import preset  # pylint: disable=g-import-not-at-top
-  from dllm_jax.model import NLDModel  # pylint: disable=g-import-not-at-top
-  sizes = []
-  for layers in (2, 6):
-    m = NLDModel(preset("tiny").replace(num_layers=layers), rngs=nnx.Rngs(0))
-    jaxpr = jax.make_jaxpr(lambda x: m(x)[0])(jnp.zeros((1, 4), jnp.int32))
-    sizes.append(len(str(jaxpr).splitlines()))
-  assert sizes[0] == sizes[1]  # layers are scanned, not unrolled

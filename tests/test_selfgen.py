@@ -18,7 +18,7 @@ def greedy(model, ids, eos_ids):
   ids = list(ids)
   out = []
   for _ in range(MAX_NEW):
-    logits, _ = model(jnp.asarray([ids]), mode="causal")
+    logits, _ = model(jnp.asarray([ids]), pattern="causal")
     t = int(np.argmax(np.asarray(logits[0, -1], np.float32)))
     out.append(t)
     ids.append(t)

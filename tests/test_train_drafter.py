@@ -5,7 +5,7 @@ import numpy as np
 from flax import nnx
 
 from dllm_jax import LoRAConfig, NLDModel, preset
-from dllm_jax.decode import generate
+from dllm_jax.decode import AR, Spec, generate
 from dllm_jax.training.objective import Objective
 from dllm_jax.training.optim import init_lora, make_optimizer, wsd_schedule
 from dllm_jax.training.trainer import Trainer
@@ -17,8 +17,8 @@ STEPS = 50
 
 
 def mean_tokens_per_forward(model, prompts):
-  out = generate(model, prompts.tolist(), mode="spec", max_new_tokens=40, block_length=BLOCK,
-                 eos_token_ids=())
+  out = generate(model, prompts.tolist(),
+                 Spec(max_new_tokens=40, block_length=BLOCK, eos_token_ids=()))
   return float(np.mean(out.tokens_per_forward))
 
 
@@ -28,7 +28,7 @@ def test_draft_lora_training_raises_acceptance():
   rng = np.random.default_rng(0)
   # Self-generated training text: the base model's greedy continuations of random prompts.
   train_prompts = rng.integers(20, 250, size=(32, PROMPT_LEN))
-  gen = generate(model, train_prompts.tolist(), mode="ar", max_new_tokens=NEW, eos_token_ids=())
+  gen = generate(model, train_prompts.tolist(), AR(max_new_tokens=NEW, eos_token_ids=()))
   seqs = np.concatenate([train_prompts, np.array(gen.tokens)], 1).astype(np.int32)
   loss_mask = np.ones_like(seqs)
   loss_mask[:, :PROMPT_LEN] = 0

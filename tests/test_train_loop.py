@@ -298,8 +298,8 @@ def test_lora_fine_tuning_of_the_joint_objective(tmp_path, rng):
   loaded = load_pretrained(tmp_path / "hf", dtype=jnp.float32)
   assert loaded.lora is None
   tokens = jnp.asarray(counting_corpus(np.random.default_rng(3), 2, 16))
-  want, _ = trainer.model()(tokens, mode="diffusion", lora=True)
-  got, _ = loaded.model(tokens, mode="diffusion")
+  want, _ = trainer.model()(tokens, pattern="bidirectional", lora=True)
+  got, _ = loaded.model(tokens, pattern="bidirectional")
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
 
 

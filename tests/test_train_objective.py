@@ -50,7 +50,7 @@ def test_block_diff_loss_matches_numpy(model, rng):
   masked = (rng.random((b, n)) < 0.5) & (loss_mask > 0)
   p = np.array([0.3, 0.7, 0.5], np.float32)
   noisy = np.where(masked, MASK, x)
-  logits, _ = model(jnp.asarray(np.concatenate([noisy, x], 1)), mode="block_diff")
+  logits, _ = model(jnp.asarray(np.concatenate([noisy, x], 1)), pattern="block_diff")
   logits = np.asarray(logits)
   total, norm, _ = obj_lib.block_diff_loss(logits[:, :n], logits[:, n:], x, masked, p,
                                            ar_loss_weight=0.5, dlm_loss_weight=0.3)
@@ -68,7 +68,7 @@ def test_compute_loss_block_diff_end_to_end(model, rng):
   total, norm, _ = obj_lib.compute_loss(model, obj, jnp.asarray(x), jnp.asarray(loss_mask), key)
   noisy, masked, p = (np.asarray(a) for a in obj_lib.forward_process(
       key, jnp.asarray(x), jnp.asarray(loss_mask), MASK, 1e-3))
-  logits = np.asarray(model(jnp.asarray(np.concatenate([noisy, x], 1)), mode="block_diff")[0])
+  logits = np.asarray(model(jnp.asarray(np.concatenate([noisy, x], 1)), pattern="block_diff")[0])
   want_total, want_norm = np_block_diff_loss(logits[:, :n], logits[:, n:], x, masked, p, 0.7, 1.0)
   np.testing.assert_allclose(float(total), want_total, rtol=1e-5)
   np.testing.assert_allclose(float(norm), want_norm, rtol=1e-6)
@@ -82,14 +82,14 @@ def test_bidirectional_and_autoregressive_losses_match_numpy(model, rng):
   total, norm, _ = obj_lib.compute_loss(model, bi, jnp.asarray(x), jnp.asarray(loss_mask), key)
   noisy, masked, p = (np.asarray(a) for a in obj_lib.forward_process(
       key, jnp.asarray(x), jnp.asarray(loss_mask), MASK, 1e-3))
-  lp = np_log_softmax(model(jnp.asarray(noisy), mode="diffusion")[0])
+  lp = np_log_softmax(model(jnp.asarray(noisy), pattern="bidirectional")[0])
   want = 0.3 * sum(-lp[i, t, x[i, t]] / p[i] for i in range(b) for t in range(n) if masked[i, t])
   np.testing.assert_allclose(float(total), want, rtol=1e-5)
   assert float(norm) == masked.sum()
 
   ar = obj_lib.Objective.from_model_config(CFG, paradigm="autoregressive")
   total, norm, _ = obj_lib.compute_loss(model, ar, jnp.asarray(x), jnp.asarray(loss_mask), key)
-  lp = np_log_softmax(model(jnp.asarray(x), mode="causal")[0])
+  lp = np_log_softmax(model(jnp.asarray(x), pattern="causal")[0])
   want = sum(-lp[i, t, x[i, t + 1]] for i in range(b) for t in range(n - 1) if loss_mask[i, t + 1])
   np.testing.assert_allclose(float(total), want, rtol=1e-5)
   assert float(norm) == loss_mask[:, 1:].sum()
@@ -123,30 +123,30 @@ def test_block_diff_forward_equals_causal_and_cached_diffusion(model, rng):
   b, n = 2, 48  # 2n = 96 > 64: the tiny preset's Llama-4 query scale is active on the clean half
   x = rng.integers(0, CFG.vocab_size, size=(b, n)).astype(np.int32)
   noisy = np.where(rng.random((b, n)) < 0.5, MASK, x).astype(np.int32)
-  logits = np.asarray(run(np.concatenate([noisy, x], 1), mode="block_diff")[0])
+  logits = np.asarray(run(np.concatenate([noisy, x], 1), pattern="block_diff")[0])
 
   qpos = jnp.broadcast_to(n + jnp.arange(n)[None], (b, n))
-  causal = np.asarray(run(x, mode="causal", qscale_positions=qpos)[0])
+  causal = np.asarray(run(x, pattern="causal", qscale_positions=qpos)[0])
   np.testing.assert_allclose(logits[:, n:], causal, atol=1e-4)
-  plain_causal = np.asarray(run(x, mode="causal")[0])
+  plain_causal = np.asarray(run(x, pattern="causal")[0])
   # The Llama-4 scale at positions >= 64 changes these logits by far more than the tolerance.
   assert np.abs(logits[:, n + 40:] - plain_causal[:, 40:]).max() > 3e-4
 
   # Every block against the cache of the whole clean sequence cropped to its start (as decoding
   # crops), and one block against a cache filled by a prefill of exactly its prefix.
-  _, full = run(x, mode="causal", cache=KVCache.init(CFG, b, n))
+  _, full = run(x, pattern="causal", cache=KVCache.init(CFG, b, n))
   for k in range(n // BLOCK):
     blk = slice(k * BLOCK, (k + 1) * BLOCK)
     cache = full.with_lengths(jnp.full((b,), k * BLOCK, jnp.int32))
-    want = np.asarray(run(noisy[:, blk], mode="diffusion", cache=cache)[0])
+    want = np.asarray(run(noisy[:, blk], pattern="bidirectional", cache=cache)[0])
     np.testing.assert_allclose(logits[:, blk], want, atol=1e-4, err_msg=f"block {k}")
     if k == 3:
-      _, prefix = run(x[:, :k * BLOCK], mode="causal", cache=KVCache.init(CFG, b, n))
-      np.testing.assert_allclose(logits[:, blk], run(noisy[:, blk], mode="diffusion",
+      _, prefix = run(x[:, :k * BLOCK], pattern="causal", cache=KVCache.init(CFG, b, n))
+      np.testing.assert_allclose(logits[:, blk], run(noisy[:, blk], pattern="bidirectional",
                                                      cache=prefix)[0], atol=1e-4)
       # Seeing its own clean block (one block too many) is a large difference, not noise.
       leak = full.with_lengths(jnp.full((b,), (k + 1) * BLOCK, jnp.int32))
-      leaked = run(noisy[:, blk], mode="diffusion", cache=leak)[0]
+      leaked = run(noisy[:, blk], pattern="bidirectional", cache=leak)[0]
       assert np.abs(logits[:, blk] - leaked).max() > 1e-2
 
 
@@ -169,8 +169,8 @@ def test_draft_logits_equal_per_block_drafts(rng, blocks_per_pass):
     blk = slice(k * BLOCK, (k + 1) * BLOCK)
     cache = KVCache.init(CFG, b, n)
     if k:  # the prefix K/V come from a causal forward without the adapter, as at inference
-      _, cache = run(x[:, :k * BLOCK], mode="causal", cache=cache)
-    want = np.asarray(run(noisy[:, blk], mode="diffusion", cache=cache, lora=True)[0])
+      _, cache = run(x[:, :k * BLOCK], pattern="causal", cache=cache)
+    want = np.asarray(run(noisy[:, blk], pattern="bidirectional", cache=cache, lora=True)[0])
     np.testing.assert_allclose(got[:, blk], want, atol=1e-4, err_msg=f"block {k}")
 
 

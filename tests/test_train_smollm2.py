@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from dllm_jax.checkpoint import LORA_DIR, load_pretrained
-from dllm_jax.decode import generate
+from dllm_jax.decode import Diffusion, generate
 from dllm_jax.tokenizer import TextTokenizer
 from dllm_jax.training.run import train
 
@@ -41,5 +41,5 @@ def test_trimode_job_on_the_embedded_default(tmp_path):
   tok = TextTokenizer.from_dir(str(tmp_path / "trimode"), bos_token_id=pre.config.bos_token_id,
                                eos_token_id=pre.config.eos_token_id)
   ids = tok.encode_chat([{"role": "user", "content": "Name a colour."}])
-  out = generate(pre.model, [ids], mode="diffusion", max_new_tokens=8)
+  out = generate(pre.model, [ids], Diffusion(max_new_tokens=8))
   assert out.nfe[0] >= 2 and len(out.tokens[0]) >= 1

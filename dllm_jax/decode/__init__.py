@@ -1,8 +1,9 @@
-"""The three NLD decoding modes as compiled JAX programs: `generate(model, prompts, mode=...)`.
+"""The three NLD decoding modes as compiled JAX programs: `generate(model, prompts, settings)`.
 
-  "ar"         autoregressive (spec §5.2)
-  "diffusion"  block diffusion with a causal commit per block (spec §5.1)
-  "spec"       linear self-speculation: diffusion draft (LoRA on), causal verify (spec §5.3)
+  AR()         autoregressive (spec §5.2)
+  Diffusion()  block diffusion with a causal commit per block (spec §5.1)
+  Spec()       linear self-speculation: diffusion draft (LoRA on), causal verify (spec §5.3)
+(dllm_jax.decode.settings: each with its own knobs, defaults and checks).
 
 Prompts of any lengths share one batch: they are right-padded to a power-of-two bucket and every
 row keeps its own cache length, so no row attends to padding and rows finish independently. Each
@@ -29,60 +30,34 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dllm_jax.decode import ar, block_diffusion, speculative
 from dllm_jax.decode.common import (MAX_EOS, NO_BUDGET, Ctx, GenerateResult, Settings,
                                     bucket_length, cache_length, pad_prompts, prefill)
+from dllm_jax.decode.settings import AR, DecodeSettings, Diffusion, Spec, settings_for
 from dllm_jax.kv_cache import KVCache
-from dllm_jax.model import unstack_layers
 from dllm_jax.sharding import gather
 
 MODES = {"ar": ar, "diffusion": block_diffusion, "spec": speculative}
-_DEFAULT = object()  # threshold not given: 0.9 for diffusion, 0.0 for spec (the reference defaults)
 
 __all__ = ["generate", "GenerateResult", "MODES", "bucket_length", "cache_length",
-           "unroll_layers_by_default", "LAYER_LAYOUTS"]
+           "lower_programs"]
 
 
-def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, mode: str = "diffusion",
-             max_new_tokens: int = 512, block_length: int | None = None,
-             threshold: Any = _DEFAULT, temperature: float = 0.0, seed: int = 0,
-             eos_token_ids: Any = None,
-             max_thinking_tokens: int | None = None, end_think_token_id: int | None = None,
-             causal_context: bool = True, draft_lora: bool | None = None,
-             mesh: jax.sharding.Mesh | None = None,
-             on_tokens: Callable[[int, list[int]], None] | None = None,
-             unroll_layers: bool | None = None) -> GenerateResult:
-  """Generates up to `max_new_tokens` ids per prompt with one of the three NLD decoding modes.
+def generate(model: nnx.Module, prompts: Sequence[Sequence[int]],
+             settings: DecodeSettings | None = None, *, mesh: jax.sharding.Mesh | None = None,
+             on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerateResult:
+  """Generates up to `settings.max_new_tokens` ids per prompt; `settings` (default `Diffusion()`)
+  is an `AR`, `Diffusion` or `Spec` from dllm_jax.decode.settings and picks the mode.
 
-  block_length: diffusion block / speculative draft length; None = the model's block_size (the
-    block it was trained with: 32 for NLD).
-  threshold: diffusion: commit every masked position with confidence >= threshold besides the
-    most confident one (None: the fixed transfer schedule); spec: draft confidence threshold
-    (0 = fill the whole draft in one forward). Default 0.9 (diffusion) / 0.0 (spec).
-  eos_token_ids: int or ids; default model.cfg.eos_token_ids; () disables EOS stopping.
-  max_thinking_tokens, end_think_token_id: the thinking budget, active only when both are given.
-  causal_context: diffusion only. False prefills the prompt bidirectionally and starts every block
-    all-MASK instead of with the causally predicted seed (spec §5.1); commits stay causal.
-  draft_lora: use the model's draft LoRA in spec drafts; None = use it if the model has one.
   mesh: a ("data", "model") mesh from dllm_jax.sharding.make_mesh with the model already placed on
     it (sharding.shard_model): prompts and cache are split over "data", kv heads over "model".
   on_tokens: streaming callback (row, new ids), called as ids are committed.
-  unroll_layers: run the layers as an unrolled loop over per-layer copies of their weights instead
-    of a scan over the stacked ones (see `dllm_jax.model.unstack_layers`); None = on CPU without a
-    mesh, where it makes decoding ~1.4x faster at the cost of one copy of the layer weights.
   """
-  settings, eos_ids, knobs = _settings(
-      model, prompts, mode=mode, max_new_tokens=max_new_tokens, block_length=block_length,
-      threshold=threshold, temperature=temperature, seed=seed, eos_token_ids=eos_token_ids,
-      max_thinking_tokens=max_thinking_tokens, end_think_token_id=end_think_token_id,
-      causal_context=causal_context, draft_lora=draft_lora)
+  settings, static, knobs = _prepare(model, prompts, settings)
   cfg = model.cfg
   bucket = bucket_length(max(len(p) for p in prompts))
   tokens, lengths = pad_prompts(prompts, bucket, cfg.pad_token_id or 0)
-  graphdef, state = nnx.split(model)
-  if unroll_layers is None:
-    unroll_layers = unroll_layers_by_default(mesh)
-  params = (state, unstack_layers(model) if unroll_layers else None)
+  graphdef, params = nnx.split(model)
   cache_sharding, tokens, lengths, knobs = _place(cfg, mesh, tokens, lengths, knobs)
-  cache_len = cache_length(bucket, settings.max_new_tokens, settings.block_length)
-  runner = _Runner(graphdef, settings, cache_len, cache_sharding, mesh)
+  cache_len = cache_length(bucket, static.max_new_tokens, static.block_length)
+  runner = _Runner(graphdef, static, cache_len, cache_sharding, mesh)
 
   start = time.perf_counter()
   last_logits, cache = runner.call("prefill", params, tokens, lengths)
@@ -90,25 +65,51 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, mode: str =
   prefill_seconds = time.perf_counter() - start - runner.take_compile_seconds()
 
   start = time.perf_counter()
+  eos_ids = settings.eos_token_ids
   if on_tokens is None:
     carry = runner.call("decode", params, last_logits, cache, knobs)
   else:
     carry = _stream(runner, params, last_logits, cache, knobs, eos_ids, on_tokens)
   jax.block_until_ready(carry["out"])
   decode_seconds = time.perf_counter() - start - runner.take_compile_seconds()
-  return _result(carry, settings, eos_ids, len(prompts), prefill_seconds, decode_seconds,
+  return _result(carry, static, eos_ids, len(prompts), prefill_seconds, decode_seconds,
                  runner.compile_seconds_total)
+
+
+def lower_programs(model: nnx.Module, batch: int, prompt_length: int,
+                   settings: DecodeSettings | None = None) -> dict[str, jax.stages.Lowered]:
+  """The engine's programs for `generate(model, <batch prompts of prompt_length ids>, settings)`,
+  lowered and ready to `.compile()`: "prefill", "decode" (the whole loop) and the streaming "init"
+  and "step". `model` may be abstract (`dllm_jax.model.abstract_model`): nothing is allocated, so
+  compile time and memory of full-size programs can be measured on any host. No mesh.
+  """
+  _, static, knobs = _prepare(model, [[0] * prompt_length] * batch, settings)
+  bucket = bucket_length(prompt_length)
+  graphdef, params = nnx.split(model)
+  cache_len = cache_length(bucket, static.max_new_tokens, static.block_length)
+  statics = _Runner(graphdef, static, cache_len, None, None).statics
+  spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+  args = {"prefill": (params, jax.ShapeDtypeStruct((batch, bucket), jnp.int32),
+                      jax.ShapeDtypeStruct((batch,), jnp.int32))}
+  last_logits, cache = jax.eval_shape(functools.partial(_prefill, *statics["prefill"]),
+                                      *args["prefill"])
+  args["decode"] = args["init"] = (params, last_logits, cache, jax.tree.map(spec, knobs))
+  carry, _ = jax.eval_shape(functools.partial(_init, *statics["init"]), *args["init"])
+  args["step"] = (params, carry, args["init"][3])
+  return {name: _JITTED[name].lower(*statics[name], *a) for name, a in args.items()}
 
 
 # --- arguments ------------------------------------------------------------------------------------
 
-def _settings(model, prompts, *, mode, max_new_tokens, block_length, threshold, temperature, seed,
-              eos_token_ids, max_thinking_tokens, end_think_token_id, causal_context, draft_lora
-              ) -> tuple[Settings, tuple[int, ...], dict[str, np.ndarray]]:
-  """Validates the arguments (one-line ValueErrors) and splits them into static and traced parts."""
+def _prepare(model, prompts, settings: DecodeSettings | None
+             ) -> tuple[DecodeSettings, Settings, dict[str, np.ndarray]]:
+  """Checks prompts and settings against the model (one-line ValueErrors); returns the resolved
+  settings, the static part that shapes the programs and the traced knobs."""
   cfg = model.cfg
-  if mode not in MODES:
-    raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+  settings = Diffusion() if settings is None else settings
+  if not isinstance(settings, DecodeSettings):
+    raise ValueError(f"settings={settings!r}: expected AR(), Diffusion() or Spec() from "
+                     "dllm_jax.decode.settings")
   if isinstance(prompts, (str, bytes)) or not len(prompts):
     raise ValueError("prompts: expected a non-empty sequence of token-id sequences")
   for b, p in enumerate(prompts):
@@ -116,60 +117,29 @@ def _settings(model, prompts, *, mode, max_new_tokens, block_length, threshold, 
       raise ValueError(f"prompts[{b}] is empty: every prompt needs at least one token")
     if min(p) < 0 or max(p) >= cfg.vocab_size:
       raise ValueError(f"prompts[{b}] holds ids outside [0, vocab_size={cfg.vocab_size})")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-  if block_length is None:
-    block_length = cfg.block_size
-  if block_length < 1:
-    raise ValueError(f"block_length={block_length}: must be >= 1")
-  if mode == "diffusion" and max_new_tokens % block_length:
-    raise ValueError(f"max_new_tokens={max_new_tokens} is not a multiple of "
-                     f"block_length={block_length} (diffusion decodes whole blocks)")
-  if temperature < 0:
-    raise ValueError(f"temperature={temperature}: must be >= 0")
-  reach = max(len(p) for p in prompts) + max_new_tokens + (block_length if mode == "spec" else 0)
-  if reach > cfg.max_position_embeddings:
-    raise ValueError(f"longest prompt + max_new_tokens{' + block_length' if mode == 'spec' else ''}"
-                     f" = {reach} exceeds max_position_embeddings={cfg.max_position_embeddings}")
-  if mode != "ar" and cfg.mask_token_id is None:
-    raise ValueError(f"mode={mode!r} needs a mask token, but the model config has "
-                     "mask_token_id=None")
-  if threshold is _DEFAULT:
-    threshold = 0.0 if mode == "spec" else 0.9
-  if mode != "diffusion":  # AR ignores it; spec: None means 0 (fill the draft in one forward)
-    threshold = 0.0 if threshold is None else threshold
-    if threshold < 0:
-      raise ValueError(f"threshold={threshold}: must be >= 0 in {mode} mode")
+  s = settings.resolve(cfg, [len(p) for p in prompts])
   has_lora = getattr(model, "lora", None) is not None
-  if draft_lora and not has_lora and mode == "spec":
-    raise ValueError("draft_lora=True but the model has no LoRA (build it with lora=LoRAConfig or "
-                     "pass draft_lora=False)")
-  if eos_token_ids is None:
-    eos_token_ids = cfg.eos_token_ids or ()
-  elif isinstance(eos_token_ids, int):
-    eos_token_ids = (eos_token_ids,)
-  thinking = max_thinking_tokens is not None and end_think_token_id is not None
-  if thinking and max_thinking_tokens < 0:
-    raise ValueError(f"max_thinking_tokens={max_thinking_tokens}: must be >= 0")
-  if len(eos_token_ids) > MAX_EOS:
-    raise ValueError(f"eos_token_ids: at most {MAX_EOS} ids, got {len(eos_token_ids)}")
-  settings = Settings(
-      mode=mode, max_new_tokens=max_new_tokens,
-      block_length=1 if mode == "ar" else block_length,  # AR has no blocks: keep one program
-      greedy=temperature == 0,
-      mask_id=-1 if cfg.mask_token_id is None else int(cfg.mask_token_id),
-      draft_lora=mode == "spec" and (has_lora if draft_lora is None else bool(draft_lora)),
-      causal_context=mode != "diffusion" or bool(causal_context))
+  draft_lora = False
+  if isinstance(s, Spec):
+    if s.draft_lora and not has_lora:
+      raise ValueError("draft_lora=True but the model has no LoRA (build it with lora=LoRAConfig "
+                       "or set Spec(draft_lora=False))")
+    draft_lora = has_lora if s.draft_lora is None else s.draft_lora
+  mask_id = s.mask_token_id if isinstance(s, Spec) else cfg.mask_token_id
+  static = Settings(
+      mode=s.mode, max_new_tokens=s.max_new_tokens, block_length=s.block, greedy=s.temperature == 0,
+      mask_id=-1 if mask_id is None else int(mask_id), draft_lora=draft_lora,
+      causal_context=not isinstance(s, Diffusion) or s.causal_context)
   eos = np.full((MAX_EOS,), -1, np.int32)
-  eos[:len(eos_token_ids)] = eos_token_ids
-  use_threshold = (threshold is not None) if mode == "diffusion" else threshold > 0
-  knobs = dict(threshold=np.float32(0.0 if threshold is None else threshold),
-               use_threshold=np.bool_(use_threshold),
-               temperature=np.float32(temperature if temperature > 0 else 1.0),
-               seed=np.uint32(seed), eos_ids=eos,
-               think_budget=np.int32(max_thinking_tokens if thinking else NO_BUDGET),
-               end_think_id=np.int32(end_think_token_id if thinking else -1))
-  return settings, tuple(int(e) for e in eos_token_ids), knobs
+  eos[:len(s.eos_token_ids)] = s.eos_token_ids
+  threshold = getattr(s, "threshold", 0.0)
+  use_threshold = (not s.fixed_schedule) if isinstance(s, Diffusion) else threshold > 0
+  knobs = dict(threshold=np.float32(threshold), use_threshold=np.bool_(use_threshold),
+               temperature=np.float32(s.temperature if s.temperature > 0 else 1.0),
+               seed=np.uint32(s.seed), eos_ids=eos,
+               think_budget=np.int32(s.max_thinking_tokens if s.thinking_budget else NO_BUDGET),
+               end_think_id=np.int32(s.end_think_token_id if s.thinking_budget else -1))
+  return s, static, knobs
 
 
 def _place(cfg, mesh, tokens, lengths, knobs):
@@ -180,37 +150,21 @@ def _place(cfg, mesh, tokens, lengths, knobs):
   sharding.validate_mesh(cfg, mesh, batch=tokens.shape[0])
   rules = sharding.mesh_rules(cfg, mesh)
   replicated = sharding.logical_sharding(mesh, ())
-  cache = sharding.cache_shardings(mesh, cfg)
-  return ((cache.k, cache.v, cache.lengths),
+  return (sharding.cache_shardings(mesh, cfg),
           sharding.put(tokens, sharding.logical_sharding(mesh, ("batch", None), rules)),
           sharding.put(lengths, sharding.logical_sharding(mesh, ("batch",), rules)),
           jax.tree.map(lambda k: sharding.put(k, replicated), knobs))
-
-
-# Names of the layer layouts for configs and flags -> generate's `unroll_layers`.
-LAYER_LAYOUTS = {"auto": None, "scan": False, "unrolled": True}
-
-
-def unroll_layers_by_default(mesh=None) -> bool:
-  """The engine's layer layout when not asked: per-layer weight buffers on CPU without a mesh,
-  where XLA would otherwise copy every layer's weights out of the stack on each forward
-  (`dllm_jax.model.unstack_layers`); the scanned stack everywhere else."""
-  return mesh is None and jax.default_backend() == "cpu"
 
 
 # --- compiled programs ----------------------------------------------------------------------------
 
 def _ctx(graphdef, settings, params, knobs) -> Ctx:
   k = dict(knobs)
-  state, layer_states = params
-  return Ctx(graphdef, state, settings, seed_key=jax.random.PRNGKey(k.pop("seed")),
-             layer_states=layer_states, **k)
+  return Ctx(graphdef, params, settings, seed_key=jax.random.PRNGKey(k.pop("seed")), **k)
 
 
 def _prefill(graphdef, cache_len, cache_sharding, bidirectional, params, tokens, lengths):
-  state, layer_states = params
-  return prefill(graphdef, state, tokens, lengths, cache_len, cache_sharding, bidirectional,
-                 layer_states)
+  return prefill(graphdef, params, tokens, lengths, cache_len, cache_sharding, bidirectional)
 
 
 def _decode(graphdef, settings, params, last_logits, cache, knobs):
@@ -284,11 +238,11 @@ class _Runner:
     cache sharding, per-row arrays (leading batch axis) over "data", scalars replicated."""
     fn, static, donate = _PROGRAMS[name]
     out = jax.eval_shape(functools.partial(fn, *statics), *args)
-    batch = self.cache_sharding[2]  # the lengths' sharding: [batch] over "data"
+    batch = self.cache_sharding.lengths  # [batch] over "data"
 
     def out_sharding(x):
       if isinstance(x, KVCache):
-        return KVCache(*self.cache_sharding)
+        return self.cache_sharding
       if x.ndim == 0:
         return NamedSharding(self.mesh, PartitionSpec())
       return NamedSharding(self.mesh, PartitionSpec(*batch.spec, *([None] * (x.ndim - 1))))

@@ -41,7 +41,7 @@ def step(ctx: Ctx, c: dict) -> dict:
   """Forward each running row's last token, then sample its next one."""
   s = ctx.settings
   live = ~c["done"]
-  logits, cache = ctx.model(c["token"][:, None], mode="causal", cache=c["cache"],
+  logits, cache = ctx.model(c["token"][:, None], pattern="causal", cache=c["cache"],
                             n_new=live.astype(jnp.int32))
   token = choose_tokens(logits, ctx.temperature, ctx.seed_key, c["step"], greedy=s.greedy)[:, 0]
   token = _force_end_think(ctx, token, c["step"], c["seen"])

@@ -73,7 +73,7 @@ def _denoise(ctx: Ctx, cache: KVCache, x: jax.Array, live: jax.Array, k: jax.Arr
   def body(carry):
     i, x, live, nfe = carry
     act = active(x, live)
-    logits, _ = ctx.model(x, mode="diffusion", cache=cache)
+    logits, _ = ctx.model(x, pattern="bidirectional", cache=cache)
     event = 1 + k * (size + 1) + i
     cand = choose_tokens(logits, ctx.temperature, ctx.seed_key, event, greedy=s.greedy)
     is_mask = x == s.mask_id
@@ -98,7 +98,7 @@ def step(ctx: Ctx, c: dict) -> dict:
     x = x.at[:, 0].set(c["seed"])
   x = _inject_end_think(ctx, x, k, c["seen"])
   x, nfe = _denoise(ctx, c["cache"], x, live, k, c["nfe"])
-  logits, cache = ctx.model(x, mode="causal", cache=c["cache"],
+  logits, cache = ctx.model(x, pattern="causal", cache=c["cache"],
                             n_new=jnp.where(live, size, 0).astype(jnp.int32))
   event = 1 + k * (size + 1) + size
   seed = choose_tokens(logits[:, -1:], ctx.temperature, ctx.seed_key, event, greedy=s.greedy)[:, 0]

@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dllm_jax.decode.settings import MAX_EOS  # noqa: F401  (re-exported for the modes)
 from dllm_jax.kv_cache import KVCache
 from dllm_jax.model import forward
 
 MIN_BUCKET = 16
 UNWRITTEN = -1
-MAX_EOS = 8
 CACHE_ROUND = 64
 NO_BUDGET = 2**30  # a thinking budget no generation reaches
 
@@ -69,10 +69,9 @@ class Ctx:
   eos_ids: jax.Array
   think_budget: jax.Array
   end_think_id: jax.Array
-  layer_states: Any = None  # per-layer parameters (unrolled layers), or None (scanned)
 
   def model(self, tokens: jax.Array, **kw):
-    return forward(self.graphdef, self.state, tokens, layer_states=self.layer_states, **kw)
+    return forward(self.graphdef, self.state, tokens, **kw)
 
 
 @dataclasses.dataclass
@@ -120,25 +119,24 @@ def cache_length(bucket: int, max_new_tokens: int, block_length: int) -> int:
 
 
 def prefill(graphdef: nnx.GraphDef, state: Any, tokens: jax.Array, lengths: jax.Array,
-            cache_len: int, cache_sharding: tuple | None, bidirectional: bool = False,
-            layer_states: Any = None) -> tuple[jax.Array, KVCache]:
+            cache_len: int, cache_sharding: KVCache | None, bidirectional: bool = False
+            ) -> tuple[jax.Array, KVCache]:
   """Prefill of right-padded prompts: (logits at each row's last prompt token [B, V], cache).
 
   Causal by default; `bidirectional` (diffusion with causal_context=False) lets every prompt token
   see the whole prompt, padding excluded. Padding slots are written but stay beyond each row's
-  length, so no later query sees them. cache_sharding: (k, v, lengths) shardings (a hashable
-  tuple: this is a jit static argument).
+  length, so no later query sees them. cache_sharding: the KVCache of shardings (hashable: this is
+  a jit static argument).
   """
   model = nnx.merge(graphdef, state)
   cache = KVCache.init(model.cfg, tokens.shape[0], cache_len, model.dtype)
   if cache_sharding is not None:
-    cache = jax.lax.with_sharding_constraint(cache, KVCache(*cache_sharding))
+    cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
   if bidirectional:
     valid = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    logits, cache = model(tokens, mode="diffusion", cache=cache, n_new=lengths, append=True,
-                          key_valid=valid, logits_at=(lengths - 1)[:, None],
-                          layer_states=layer_states)
+    logits, cache = model(tokens, pattern="bidirectional", cache=cache, n_new=lengths,
+                          append=True, key_valid=valid, logits_at=(lengths - 1)[:, None])
   else:
-    logits, cache = model(tokens, mode="causal", cache=cache, n_new=lengths,
-                          logits_at=(lengths - 1)[:, None], layer_states=layer_states)
+    logits, cache = model(tokens, pattern="causal", cache=cache, n_new=lengths,
+                          logits_at=(lengths - 1)[:, None])
   return logits[:, 0], cache

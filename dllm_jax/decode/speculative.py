@@ -64,7 +64,7 @@ def _draft(ctx: Ctx, cache: KVCache, x: jax.Array, live: jax.Array, r: jax.Array
   def body(carry):
     i, x, live, nfe = carry
     act = active(x, live)
-    logits, _ = ctx.model(x, mode="diffusion", cache=cache, lora=s.draft_lora)
+    logits, _ = ctx.model(x, pattern="bidirectional", cache=cache, lora=s.draft_lora)
     cand = choose_tokens(logits, ctx.temperature, ctx.seed_key, 1 + r * (size + 1) + i,
                          greedy=s.greedy)
     if not s.greedy:  # the reference's draft confidence is taken at the sampling temperature
@@ -89,7 +89,7 @@ def step(ctx: Ctx, c: dict) -> dict:
   start = c["cache"].lengths  # the seed is not in the cache yet
   x = jnp.full((batch, size), s.mask_id, jnp.int32).at[:, 0].set(c["seed"])
   x, nfe = _draft(ctx, c["cache"], x, live, r, c["nfe"])
-  logits, cache = ctx.model(x, mode="causal", cache=c["cache"],
+  logits, cache = ctx.model(x, pattern="causal", cache=c["cache"],
                             n_new=jnp.where(live, size, 0).astype(jnp.int32))
   verified = choose_tokens(logits, ctx.temperature, ctx.seed_key, 1 + r * (size + 1) + size,
                            greedy=s.greedy)

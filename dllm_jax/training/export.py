@@ -23,13 +23,13 @@ def peft_adapter_tensors(model: NLDModel) -> dict[str, np.ndarray]:
   if model.lora is None:
     raise ValueError("the model has no LoRA adapter to export")
   out = {}
-  for target, linear in lora_linears(model).items():
-    a = np.asarray(linear.lora_a[...], np.float32)  # [L, in, r]
-    b = np.asarray(linear.lora_b[...], np.float32)  # [L, r, out]
-    for i in range(model.cfg.num_layers):
+  for target, linears in lora_linears(model).items():
+    for i, linear in enumerate(linears):
       names = dict(i=i, module=LORA_TARGETS[target], target=target)
-      out[LORA_KEY.format(ab="A", **names)] = np.ascontiguousarray(a[i].T)
-      out[LORA_KEY.format(ab="B", **names)] = np.ascontiguousarray(b[i].T)
+      a = np.asarray(linear.lora_a[...], np.float32)  # [in, r]
+      b = np.asarray(linear.lora_b[...], np.float32)  # [r, out]
+      out[LORA_KEY.format(ab="A", **names)] = np.ascontiguousarray(a.T)
+      out[LORA_KEY.format(ab="B", **names)] = np.ascontiguousarray(b.T)
   return out
 
 
@@ -50,15 +50,17 @@ def merge_lora(model: NLDModel) -> NLDModel:
   if model.lora is None:
     raise ValueError("the model has no LoRA adapter to merge")
   merged = {}
-  for target, linear in lora_linears(model).items():
-    kernel = linear.kernel[...]
-    delta = jnp.einsum("lir,lro->lio", linear.lora_a[...], linear.lora_b[...])
-    merged[target] = (kernel.astype(jnp.float32) + linear.lora_scale * delta).astype(kernel.dtype)
+  for target, linears in lora_linears(model).items():
+    for i, linear in enumerate(linears):
+      kernel = linear.kernel[...]
+      delta = linear.lora_a[...] @ linear.lora_b[...]
+      merged[i, target] = (kernel.astype(jnp.float32)
+                           + linear.lora_scale * delta).astype(kernel.dtype)
   plain = nnx.eval_shape(lambda: NLDModel(model.cfg, dtype=model.dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(plain)
   _, base_state, _ = nnx.split(model, trainable_filter("full"), ...)  # every non-adapter weight
   values = nnx.to_pure_dict(base_state)
-  for target, kernel in merged.items():
-    values["encoder"]["layers"][LORA_TARGETS[target]][target]["kernel"] = kernel
+  for (i, target), kernel in merged.items():
+    values["encoder"]["layers"][i][LORA_TARGETS[target]][target]["kernel"] = kernel
   nnx.replace_by_pure_dict(state, values)
   return nnx.merge(graphdef, state)

@@ -164,16 +164,16 @@ def draft_logits(model: NLDModel, tokens: jax.Array, noisy: jax.Array, block_siz
                      f"blocks_per_pass {per_pass}")
   passes = nb // per_pass
   cache = KVCache.init(model.cfg, b, n, model.dtype)
-  _, cache = model(tokens, mode="causal", cache=cache)
+  _, cache = model(tokens, pattern="causal", cache=cache)
   # Row b * per_pass + i holds sequence b for the i-th block of a pass.
-  k = jnp.repeat(cache.k, per_pass, axis=1)
-  v = jnp.repeat(cache.v, per_pass, axis=1)
+  k = tuple(jnp.repeat(x, per_pass, axis=0) for x in cache.k)
+  v = tuple(jnp.repeat(x, per_pass, axis=0) for x in cache.v)
   blocks = noisy.reshape(b, passes, per_pass, block_size).transpose(1, 0, 2, 3)
 
   def one_pass(xs):
     j, blk = xs
     lengths = jnp.tile((j * per_pass + jnp.arange(per_pass, dtype=jnp.int32)) * block_size, b)
-    logits, _ = model(blk.reshape(b * per_pass, block_size), mode="diffusion",
+    logits, _ = model(blk.reshape(b * per_pass, block_size), pattern="bidirectional",
                       cache=KVCache(k, v, lengths), lora=lora)
     return logits.reshape(b, per_pass, block_size, -1)
 
@@ -186,7 +186,7 @@ def compute_loss(model: NLDModel, obj: Objective, tokens: jax.Array, loss_mask: 
   """(loss_sum, normaliser, metrics) of one batch: tokens/loss_mask [B, n], key for the masks."""
   lora = obj.adapter_forward
   if obj.paradigm == "autoregressive":
-    logits, _ = model(tokens, mode="causal", lora=lora)
+    logits, _ = model(tokens, pattern="causal", lora=lora)
     return autoregressive_loss(logits, tokens, loss_mask)
   if obj.paradigm == "draft":
     noisy, masked = draft_corruption(tokens, loss_mask, obj.mask_token_id, obj.block_size)
@@ -196,7 +196,7 @@ def compute_loss(model: NLDModel, obj: Objective, tokens: jax.Array, loss_mask: 
     return diffusion_only_loss(logits, tokens, masked, ones, dlm_loss_weight=None)
   noisy, masked, p = forward_process(key, tokens, loss_mask, obj.mask_token_id, obj.eps)
   if obj.paradigm == "bidirectional":
-    logits, _ = model(noisy, mode="diffusion", lora=lora)
+    logits, _ = model(noisy, pattern="bidirectional", lora=lora)
     return diffusion_only_loss(logits, tokens, masked, p, dlm_loss_weight=obj.dlm_loss_weight)
   n = tokens.shape[1]
   if obj.block_size != model.cfg.block_size:
@@ -204,6 +204,6 @@ def compute_loss(model: NLDModel, obj: Objective, tokens: jax.Array, loss_mask: 
                      f"attention block_size {model.cfg.block_size}")
   if n % obj.block_size:
     raise ValueError(f"block_diff: seq_len {n} is not a multiple of block_size {obj.block_size}")
-  logits, _ = model(jnp.concatenate([noisy, tokens], axis=1), mode="block_diff", lora=lora)
+  logits, _ = model(jnp.concatenate([noisy, tokens], axis=1), pattern="block_diff", lora=lora)
   return block_diff_loss(logits[:, :n], logits[:, n:], tokens, masked, p,
                          ar_loss_weight=obj.ar_loss_weight, dlm_loss_weight=obj.dlm_loss_weight)

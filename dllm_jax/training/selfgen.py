@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from dllm_jax.checkpoint import write_text_atomic
-from dllm_jax.decode import generate
+from dllm_jax.decode import AR, generate
 from dllm_jax.model import NLDModel
 from dllm_jax.tokenizer import TextTokenizer
 from dllm_jax.training.data import read_jsonl
@@ -28,7 +28,7 @@ def self_generate(model: NLDModel, tokenizer: TextTokenizer, prompts: list[dict]
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
     ids = [tokenizer.encode_prompt(p) for p in chunk]
-    out = generate(model, ids, mode="ar", max_new_tokens=max_new_tokens)
+    out = generate(model, ids, AR(max_new_tokens=max_new_tokens))
     for prompt, tokens in zip(chunk, out.tokens):
       answer = tokenizer.decode(tokens)
       if "messages" in prompt:
