@@ -26,8 +26,7 @@ from flax import nnx
 from dllm_jax.checkpoint import hf_tensor_shapes
 from dllm_jax.config import ModelConfig
 from dllm_jax.kv_cache import KVCache
-from dllm_jax.decode import unroll_layers_by_default
-from dllm_jax.model import NLDModel, forward, unstack_layers
+from dllm_jax.model import NLDModel, forward
 
 # --- timing and memory ----------------------------------------------------------------------------
 
@@ -132,24 +131,24 @@ def random_lora(cfg: ModelConfig, rank: int, seed: int) -> tuple[np.ndarray, np.
 
 def set_lora(model: NLDModel, a: np.ndarray, b: np.ndarray) -> None:
   """Writes the o_proj draft LoRA factors into a model built with `lora=LoRAConfig(...)`."""
-  o_proj = model.encoder.layers.self_attn.o_proj
-  for name, value in (("lora_a", a), ("lora_b", b)):
-    param = getattr(o_proj, name)
-    if tuple(param.value.shape) != tuple(value.shape):
-      raise ValueError(f"LoRA factor {name} has shape {value.shape}, "
-                       f"the model expects {tuple(param.value.shape)}")
-    param.value = jnp.asarray(value, param.value.dtype)
+  for i, layer in enumerate(model.encoder.layers):
+    for name, value in (("lora_a", a[i]), ("lora_b", b[i])):
+      param = getattr(layer.self_attn.o_proj, name)
+      if tuple(param.value.shape) != tuple(value.shape):
+        raise ValueError(f"LoRA factor {name} has shape {value.shape}, "
+                         f"the model expects {tuple(param.value.shape)}")
+      param.value = jnp.asarray(value, param.value.dtype)
 
 
 # --- single forwards (the unit every decoding round is made of) -----------------------------------
 
-# kind -> (attention mode, draft LoRA on): the forwards of spec §5. "ar" is a 1-token step; the
+# kind -> (attention pattern, draft LoRA on): the forwards of spec §5. "ar" is a 1-token step; the
 # others run a whole block.
 FORWARD_KINDS = {
     "ar": ("causal", False),
-    "denoise": ("diffusion", False),
+    "denoise": ("bidirectional", False),
     "commit": ("causal", False),
-    "draft": ("diffusion", True),
+    "draft": ("bidirectional", True),
     "verify": ("causal", False),
 }
 
@@ -163,33 +162,28 @@ class ForwardShape:
 
 
 def time_forward(model: NLDModel, kind: str, shape: ForwardShape, *, warmup: int,
-                 repeats: int, unroll: bool | None = None) -> list[float]:
+                 repeats: int) -> list[float]:
   """Seconds per jitted forward of `kind` at `shape`, cache donated and reset to `context` each call.
 
   This is the forward alone, as the engine runs it inside its loops: everything a decoding round
   spends beyond these times is engine overhead.
   """
-  mode, lora = FORWARD_KINDS[kind]
+  pattern, lora = FORWARD_KINDS[kind]
   graphdef, state = nnx.split(model)
-  # By default the engine's layer layout, so that "overhead" compares like with like; `unroll`
-  # forces per-layer buffers (True) or the scanned stack (False).
-  unroll = unroll_layers_by_default() if unroll is None else unroll
-  layer_states = unstack_layers(model) if unroll else None
   cfg = model.cfg
   cache = KVCache.init(cfg, shape.batch, shape.cache_len, model.dtype)
   tokens = jnp.full((shape.batch, shape.tokens), cfg.mask_token_id or 0, jnp.int32)
 
-  def step(state, layer_states, tokens, cache):
-    logits, cache = forward(graphdef, state, tokens, mode=mode, cache=cache, lora=lora,
-                            layer_states=layer_states)
+  def step(state, tokens, cache):
+    logits, cache = forward(graphdef, state, tokens, pattern=pattern, cache=cache, lora=lora)
     # Reset the length so every call sees the same context (a causal forward appended `tokens`).
     return logits, cache.with_lengths(jnp.full((shape.batch,), shape.context, jnp.int32))
 
-  step = jax.jit(step, donate_argnums=(3,))
+  step = jax.jit(step, donate_argnums=(2,))
   holder = {"cache": cache.with_lengths(jnp.full((shape.batch,), shape.context, jnp.int32))}
 
   def call():
-    logits, holder["cache"] = step(state, layer_states, tokens, holder["cache"])
+    logits, holder["cache"] = step(state, tokens, holder["cache"])
     return logits
 
   return timed(call, warmup=warmup, repeats=repeats)

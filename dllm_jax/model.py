@@ -407,6 +407,14 @@ def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=None,
                                          rngs=nnx.Rngs(0)))
 
 
+def with_attention_impl(model: NLDModel, impl: str) -> NLDModel:
+  """The same parameter arrays (shared, not copied) in a model whose attention runs with `impl`
+  (see dllm_jax.config.ATTENTION_IMPLS)."""
+  graphdef, _ = nnx.split(abstract_model(model.cfg.replace(attention_impl=impl), dtype=model.dtype,
+                                         lora=model.lora))
+  return nnx.merge(graphdef, nnx.state(model))
+
+
 def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens, **kw):
   """Pure forward over an `nnx.split` model: usable inside jit / while_loop with array state only."""
   return nnx.merge(graphdef, state)(tokens, **kw)

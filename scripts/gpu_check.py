@@ -64,11 +64,11 @@ import numpy as np
 from flax import nnx
 
 from dllm_jax import bench_utils as bu
-from dllm_jax import generate
+from dllm_jax.decode import generate, settings_for
 from dllm_jax.checkpoint import write_text_atomic
 from dllm_jax.config import ModelConfig, preset
 from dllm_jax.kv_cache import KVCache
-from dllm_jax.model import LoRAConfig, NLDModel, abstract_model, forward
+from dllm_jax.model import LoRAConfig, NLDModel, abstract_model, forward, with_attention_impl
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTIONS = ("kernel_tests", "parity", "roofline", "generate")
@@ -166,17 +166,13 @@ def empty_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> KVCache:
   return KVCache.init(cfg, batch, max_len, dtype)
 
 
-def model_forward(graphdef, state, tokens, *, mode: str, cache: KVCache, impl: str, n_new=None):
-  """(logits, cache) of one forward over an `nnx.split` model with the given attention impl."""
-  return forward(graphdef, state, tokens, mode=mode, cache=cache, n_new=n_new, impl=impl)
-
-
 def run_generate(model: NLDModel, prompts: list[list[int]], *, mode: str, max_new_tokens: int,
                  block_length: int):
   """`dllm_jax.generate` with its default thresholds and EOS off (every row decodes the whole
   budget, so rounds and forwards do not depend on what random weights happen to emit)."""
-  return generate(model, prompts, mode=mode, max_new_tokens=max_new_tokens,
-                  block_length=block_length, eos_token_ids=())
+  blocks = {} if mode == "ar" else dict(block_length=block_length)
+  return generate(model, prompts, settings_for(mode, max_new_tokens=max_new_tokens,
+                                               eos_token_ids=(), **blocks))
 
 
 # --- section 1: compiled-kernel tests -------------------------------------------------------------
@@ -227,22 +223,22 @@ def decoding_logits(model: NLDModel, impl: str, plan: Plan) -> list[np.ndarray]:
   """Logits of the decoding patterns (see PATTERNS): a ragged causal prefill (last prompt token of
   each row), three single-token steps, a block with all but its first tokens masked in diffusion
   mode against the cache, and the same block as a causal commit."""
-  graphdef, state = nnx.split(model)
-  run = jax.jit(functools.partial(model_forward, graphdef, impl=impl), static_argnames=("mode",))
+  graphdef, state = nnx.split(with_attention_impl(model, impl))
+  run = jax.jit(functools.partial(forward, graphdef), static_argnames=("pattern",))
   cfg, rng, p = model.cfg, np.random.default_rng(0), plan.parity_prompt
   prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, p)), jnp.int32)
   lengths = jnp.array([p, p // 5, 2 * p // 3], jnp.int32)
   cache = empty_cache(cfg, 3, plan.parity_cache, model.dtype)
-  logits, cache = run(state, prompts, mode="causal", cache=cache, n_new=lengths)
+  logits, cache = run(state, prompts, pattern="causal", cache=cache, n_new=lengths)
   out = [jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)]
   for _ in range(3):
     token = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, 1)), jnp.int32)
-    logits, cache = run(state, token, mode="causal", cache=cache)
+    logits, cache = run(state, token, pattern="causal", cache=cache)
     out.append(logits)
   block = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, plan.parity_block)), jnp.int32)
   block = block.at[:, 3:].set(cfg.mask_token_id)
-  out.append(run(state, block, mode="diffusion", cache=cache)[0])
-  out.append(run(state, block, mode="causal", cache=cache)[0])
+  out.append(run(state, block, pattern="bidirectional", cache=cache)[0])
+  out.append(run(state, block, pattern="causal", cache=cache)[0])
   return [np.asarray(x, np.float32) for x in out]
 
 

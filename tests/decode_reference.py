@@ -38,9 +38,9 @@ class Eager:
     self.graphdef, self.state = nnx.split(model)
     self.cfg = model.cfg
 
-  def __call__(self, tokens, cache, *, pattern, lora=False):
+  def __call__(self, tokens, cache, *, pattern, lora=False, append=False):
     logits, cache = _call(self.graphdef, self.state, jnp.asarray([tokens], jnp.int32), cache,
-                          None, pattern=pattern, lora=lora)
+                          None, pattern=pattern, lora=lora, append=append)
     return np.asarray(logits[0]), cache
 
   def prefill(self, prompt, cache, pad_to, bidirectional=False):
@@ -91,7 +91,8 @@ def block_diffusion(model: Eager, prompt, *, max_new_tokens, block_length, thres
   """spec §5.1. Returns (generated ids, nfe).
 
   causal_context=False: the prefill runs bidirectionally (still writing the cache), no seed is
-  used and every block starts all-MASK; commits stay causal.
+  used, every block starts all-MASK and is committed by a bidirectional forward (step 2e: the
+  commit's mask is causal iff causal_context).
   """
   size, p_len = block_length, len(prompt)
   cache = KVCache.init(model.cfg, 1, cache_len)
@@ -130,9 +131,12 @@ def block_diffusion(model: Eager, prompt, *, max_new_tokens, block_length, thres
         first = first_index(block, eos)
         if first is not None and mask_id not in block[:first]:
           break
-    logits, cache = model(x[start:start + size], cache, pattern="causal")
+    if causal_context:
+      logits, cache = model(x[start:start + size], cache, pattern="causal")
+      seed_tok = sample(logits[-1:], temperature, seed, 1 + k * (size + 1) + size)[0]
+    else:
+      _, cache = model(x[start:start + size], cache, pattern="bidirectional", append=True)
     nfe += 1
-    seed_tok = sample(logits[-1:], temperature, seed, 1 + k * (size + 1) + size)[0]
     if eos is not None and eos in x[p_len:]:
       return x[p_len:p_len + first_index(x[p_len:], eos) + 1], nfe
   return x[p_len:], nfe

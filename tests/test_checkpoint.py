@@ -99,8 +99,9 @@ def test_dtypes_and_tokenizer_dir(ckpts):
   state = nnx.state(pre.model)
   lora_leaves = jax.tree.leaves(nnx.state(pre.model, nnx.LoRAParam))
   base_leaves = jax.tree.leaves(nnx.state(pre.model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
-  assert len(lora_leaves) == 2 and all(x.dtype == jnp.float32 for x in lora_leaves)
-  assert len(base_leaves) == len(jax.tree.leaves(state)) - 2
+  n = 2 * CFG.num_layers  # lora_a and lora_b on each layer's o_proj
+  assert len(lora_leaves) == n and all(x.dtype == jnp.float32 for x in lora_leaves)
+  assert len(base_leaves) == len(jax.tree.leaves(state)) - n
   assert all(x.dtype == jnp.bfloat16 for x in base_leaves)
   assert pre.tokenizer_dir == ckpts["bf16"]
   assert load_pretrained(ckpts["llama"], dtype=jnp.float32).tokenizer_dir is None

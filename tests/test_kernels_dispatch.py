@@ -102,7 +102,7 @@ def test_pallas_gradients_match_xla(mask, rng):
 def _runner(model):
   """A jitted forward: the decode steps share one compiled (interpreted) kernel per shape."""
   graphdef, state = nnx.split(model)
-  run = jax.jit(functools.partial(forward, graphdef), static_argnames=("mode",))
+  run = jax.jit(functools.partial(forward, graphdef), static_argnames=("pattern",))
   return lambda tokens, **kw: run(state, tokens, **kw)
 
 

@@ -17,7 +17,7 @@ from flax import nnx
 
 from dllm_jax.config import preset
 from dllm_jax.kv_cache import KVCache
-from dllm_jax.model import NLDModel, forward
+from dllm_jax.model import NLDModel, forward, with_attention_impl
 
 pytestmark = pytest.mark.gpu
 
@@ -29,9 +29,8 @@ _SHAPE = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2048, num_lay
 def _run_patterns(model, impl, training=True):
   """Logits of: a ragged causal prefill, 3 decode steps, a 32-token denoising block against the
   cache (prefix), a 32-token causal commit at an offset, and (training) the block_diff forward."""
-  graphdef, state = nnx.split(model)
-  run = jax.jit(functools.partial(forward, graphdef, impl=impl),
-                static_argnames=("mode", "append"))
+  graphdef, state = nnx.split(with_attention_impl(model, impl))
+  run = jax.jit(functools.partial(forward, graphdef), static_argnames=("pattern", "append"))
   cfg, rng = model.cfg, np.random.default_rng(0)
   prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, 96)), jnp.int32)
   lengths = jnp.array([96, 17, 64], jnp.int32)

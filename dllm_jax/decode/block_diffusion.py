@@ -3,10 +3,11 @@
 One `step` is one block for every running row: build [seed, MASK, ...] (all MASK with
 causal_context=False, whose prefill was bidirectional), apply the thinking budget,
 denoise in diffusion mode against the read-only cache (inner while_loop, at most B steps), then one
-causal commit forward that appends the block to the cache and yields the next seed. Rows leave the
-denoising loop on their own (no MASK left, or an EOS with no MASK before it) and leave the block
-loop once their generated region holds an EOS; the reference instead breaks both loops for the
-whole batch (docs/decoding.md).
+commit forward that appends the block to the cache: causal, yielding the next seed, or
+bidirectional within the block with causal_context=False (as the reference commits then). Rows
+leave the denoising loop on their own (no MASK left, or an EOS with no MASK before it) and leave
+the block loop once their generated region holds an EOS; the reference instead breaks both loops
+for the whole batch (docs/decoding.md).
 
 Sampling events: 0 = the seed from the prefill; block k uses 1 + k(B+1) + i for denoising step i
 and 1 + k(B+1) + B for the seed sampled from its commit forward.
@@ -98,10 +99,15 @@ def step(ctx: Ctx, c: dict) -> dict:
     x = x.at[:, 0].set(c["seed"])
   x = _inject_end_think(ctx, x, k, c["seen"])
   x, nfe = _denoise(ctx, c["cache"], x, live, k, c["nfe"])
-  logits, cache = ctx.model(x, pattern="causal", cache=c["cache"],
-                            n_new=jnp.where(live, size, 0).astype(jnp.int32))
-  event = 1 + k * (size + 1) + size
-  seed = choose_tokens(logits[:, -1:], ctx.temperature, ctx.seed_key, event, greedy=s.greedy)[:, 0]
+  n_new = jnp.where(live, size, 0).astype(jnp.int32)
+  if s.causal_context:
+    logits, cache = ctx.model(x, pattern="causal", cache=c["cache"], n_new=n_new)
+    event = 1 + k * (size + 1) + size
+    seed = choose_tokens(logits[:, -1:], ctx.temperature, ctx.seed_key, event,
+                         greedy=s.greedy)[:, 0]
+  else:  # the commit's mask is causal iff causal_context (spec §5.1 step 2e); no seed is used
+    _, cache = ctx.model(x, pattern="bidirectional", cache=c["cache"], n_new=n_new, append=True)
+    seed = c["seed"]
   old = jax.lax.dynamic_slice_in_dim(c["out"], k * size, size, axis=1)
   out = jax.lax.dynamic_update_slice_in_dim(c["out"], jnp.where(live[:, None], x, old), k * size,
                                             axis=1)
