@@ -83,7 +83,9 @@ class ModelConfig:
   dlm_paradigm: str = "bidirectional"
   ar_loss_weight: float = 1.0
   dlm_loss_weight: float | None = None
-  attention_impl: str = "xla"
+  # "auto": XLA on CPU; on a GPU the fastest kernel measured for the device and attention call
+  # (dllm_jax/attention.py resolve_impl), XLA wherever no kernel takes the call.
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     _check_fields(vars(self))

@@ -27,9 +27,10 @@ from dllm_jax.model import abstract_model
 PROGRAMS = ("prefill", "decode")
 
 
-def measure(name: str, mode: str, *, prompt: int, new_tokens: int, block: int) -> list[dict]:
+def measure(name: str, mode: str, *, prompt: int, new_tokens: int, block: int, dtype: str
+            ) -> list[dict]:
   cfg = preset(name)
-  model = abstract_model(cfg, dtype=jnp.bfloat16)
+  model = abstract_model(cfg, dtype=jnp.dtype(dtype))
   blocks = {} if mode == "ar" else dict(block_length=block)
   start = time.perf_counter()
   lowered = lower_programs(model, 1, prompt,
@@ -56,12 +57,15 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (one row)")
   parser.add_argument("--new_tokens", type=int, default=256)
   parser.add_argument("--block", type=int, default=32)
+  # XLA:CPU has no bf16 matmul: a bf16 program compiled for the CPU converts weights to fp32 (its
+  # temporaries then hold fp32 copies), which the GPU program never does. fp32 is the CPU default.
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--json", default="", help="also write the rows here")
   args = parser.parse_args(argv[1:])
   try:
     rows = [row for name in args.presets.split(",") for mode in args.modes.split(",")
             for row in measure(name, mode, prompt=args.prompt, new_tokens=args.new_tokens,
-                               block=args.block)]
+                               block=args.block, dtype=args.dtype)]
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

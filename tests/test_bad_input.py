@@ -279,11 +279,6 @@ def test_numeric_fields_are_stored_as_python_numbers():
   assert type(cfg.rope_theta) is float and cfg == preset("tiny")
 
 
-def test_dlm_paradigms_are_the_training_objectives():
-  from dllm_jax.training.objective import PARADIGMS
-  assert DLM_PARADIGMS == PARADIGMS
-
-
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
   return write_checkpoint(tmp_path_factory.mktemp("tiny_nld"))

@@ -26,11 +26,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dllm_jax.config import ModelConfig
+from dllm_jax.config import DLM_PARADIGMS, ModelConfig
 from dllm_jax.kv_cache import KVCache
 from dllm_jax.model import NLDModel
 
-PARADIGMS = ("block_diff", "bidirectional", "autoregressive", "draft")
+PARADIGMS = DLM_PARADIGMS  # the training objectives a checkpoint's dlm_paradigm may name
 
 
 @dataclasses.dataclass(frozen=True)
