@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 ATTENTION_IMPLS = ("xla", "pallas", "triton", "cudnn", "auto")
@@ -167,14 +166,6 @@ class ModelConfig:
     if self.pad_token_id is not None:
       out["pad_token_id"] = self.pad_token_id
     return out
-
-  def param_count(self) -> int:
-    """Parameter count from the abstract model shapes (no allocation)."""
-    import jax  # pylint: disable=g-import-not-at-top
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    from dllm_jax.model import abstract_model  # pylint: disable=g-import-not-at-top
-    state = nnx.state(abstract_model(self), nnx.Param)
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
 
 
 # --- presets (spec §1.2 / §1.3) -------------------------------------------------------------------

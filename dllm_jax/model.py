@@ -428,6 +428,12 @@ def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=None,
                                          rngs=nnx.Rngs(0)))
 
 
+def param_count(cfg: ModelConfig) -> int:
+  """Parameter count of a model for `cfg`, from the abstract shapes (no allocation)."""
+  state = nnx.state(abstract_model(cfg), nnx.Param)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+
 def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens, **kw):
   """Pure forward over an `nnx.split` model: usable inside jit / while_loop with array state only."""
   return nnx.merge(graphdef, state)(tokens, **kw)

@@ -27,7 +27,7 @@ from dllm_jax.checkpoint import hf_tensor_shapes
 from dllm_jax.config import ModelConfig
 from dllm_jax.kv_cache import KVCache
 from dllm_jax.decode import unroll_layers_by_default
-from dllm_jax.model import NLDModel, forward, unstack_layers
+from dllm_jax.model import NLDModel, forward, param_count, unstack_layers
 
 # --- timing and memory ----------------------------------------------------------------------------
 
@@ -209,7 +209,7 @@ def bytes_per_forward(cfg: ModelConfig, shape: ForwardShape, dtype) -> dict[str,
   """Bytes one forward must read from memory at least: every weight but the embedding table (only
   `batch*tokens` rows of it are gathered) and the K/V of the context, all layers."""
   item = jnp.dtype(dtype).itemsize
-  params = cfg.param_count()
+  params = param_count(cfg)
   table = cfg.vocab_size * cfg.hidden_size
   if cfg.tie_word_embeddings:
     table = 0  # the tied table is read whole as the output head
