@@ -129,7 +129,7 @@ def _kernel_interpret() -> bool:
 def _pallas_supports(mask: str, q, k, kw) -> bool:
   """Whether the Mosaic GPU kernel with its default tiling takes this call
   (see kernels/flash_attention_mgpu.py)."""
-  from kernels import flash_attention_mgpu  # pylint: disable=g-import-not-at-top
+  from dllm_jax.kernels import flash_attention_mgpu  # pylint: disable=g-import-not-at-top
   itemsize = jnp.dtype(k.dtype).itemsize
   row_bytes = q.shape[3] * itemsize
   return ((kw.get("key_valid") is None or mask == "prefix")
@@ -162,7 +162,7 @@ def resolve_impl(impl: str, mask: str | None = None, q=None, k=None, **kw) -> st
     return impl
   if jax.default_backend() != "gpu" or mask is None or q is None:
     return "xla"
-  from kernels import attention_choices  # pylint: disable=g-import-not-at-top
+  from dllm_jax.kernels import attention_choices  # pylint: disable=g-import-not-at-top
   choice = attention_choices.measured_choice(jax.devices()[0].device_kind, mask, q.shape[1])
   supports = {"pallas": _pallas_supports, "triton": _triton_supports, "cudnn": _cudnn_supports}
   if choice in supports and not supports[choice](mask, q, k, kw):
@@ -173,7 +173,7 @@ def resolve_impl(impl: str, mask: str | None = None, q=None, k=None, **kw) -> st
 def _kernel_fn(impl: str):
   """The forward of a kernel impl; imported lazily (jax_triton cannot import on a CPU jaxlib)."""
   if impl == "pallas":
-    from kernels import flash_attention_mgpu  # pylint: disable=g-import-not-at-top
+    from dllm_jax.kernels import flash_attention_mgpu  # pylint: disable=g-import-not-at-top
     interpret = _kernel_interpret()
     if jax.default_backend() != "gpu" and not interpret:
       raise ValueError(f"attention_impl='pallas' needs a Hopper GPU; on {jax.default_backend()} "
@@ -181,7 +181,7 @@ def _kernel_fn(impl: str):
     return functools.partial(flash_attention_mgpu.flash_attention, interpret=interpret)
   try:
     import jax_triton  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    from kernels import decode_attention_triton  # pylint: disable=g-import-not-at-top
+    from dllm_jax.kernels import decode_attention_triton  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(f"attention_impl='triton' needs triton and jax_triton (CUDA): {e}") from e
   return decode_attention_triton.decode_attention

@@ -5,10 +5,9 @@ NLD checkpoints name tensors `encoder.*` + `diffusion_head.weight`; Llama/Mistra
 PyTorch Linear weights are [out, in]; our kernels are [in, out], so projections are transposed.
 
 Loading streams: every safetensors header is parsed and checked against the config's abstract
-shapes before any tensor data is read, then tensors are read one at a time (plain file reads, no
-mmap, so the page cache never counts against the process) and written straight into their
-on-device (optionally sharded) buffers. Host memory therefore holds at most one checkpoint
-tensor besides the result.
+shapes before any tensor data is read, then tensors are read one at a time
+(dllm_jax/safetensors_io.py) and written straight into their on-device (optionally sharded)
+buffers. Host memory therefore holds at most one checkpoint tensor besides the result.
 
 Three on-disk forms:
   * an HF directory: config.json + model.safetensors (or model.safetensors.index.json + shards),
@@ -16,6 +15,10 @@ Three on-disk forms:
   * a converted directory (`save_converted`, scripts/convert_checkpoint.py): orbax params that
     restore onto any mesh, plus config.json and the tokenizer files;
   * `export_hf` writes an HF directory back (for PyTorch users of weights trained here).
+
+This module is over 600 lines because `load_pretrained` reads HF and converted directories with
+the same config, adapter and placement helpers: the converted form in a module of its own would
+import this one and be imported by it.
 """
 
 from __future__ import annotations
@@ -25,34 +28,30 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import os
 from pathlib import Path
 import shutil
-import tempfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from dllm_jax.atomic_files import atomic_dir
 from dllm_jax.config import ModelConfig
+from dllm_jax.errors import CheckpointError
 from dllm_jax.model import LORA_TARGETS, LoRAConfig, NLDModel, abstract_model
+from dllm_jax.safetensors_io import (NP_TO_ST, ST_FLOAT, ST_TO_HF_DTYPE, WEIGHTS_NAME, TensorInfo,
+                                     TensorReader, index_checkpoint, read_safetensors_header,
+                                     write_safetensors)
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 LORA_DIR = "linear_spec_lora"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CONVERTED_MARKER = "dllm_jax_converted.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 SIDE_FILES = (*TOKENIZER_FILES, "special_tokens_map.json", "generation_config.json")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that does not match what its config describes; the message names the culprit."""
 
 
 # --- key table ------------------------------------------------------------------------------------
@@ -173,127 +172,7 @@ def _check_key_sets(found: Iterable[str], expected: Mapping[str, Any], where: st
                           f"({len(unexpected)} unexpected in all)")
 
 
-# --- safetensors files ------------------------------------------------------------------------------
-
-_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
-                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-_ST_FLOAT = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16),
-             "F32": np.dtype(np.float32)}
-_NP_TO_ST = {v: k for k, v in _ST_FLOAT.items()}
-_ST_TO_HF_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-  """One tensor as described by a safetensors header; `offset` is absolute in the file."""
-  key: str
-  file: Path
-  dtype: str
-  shape: tuple[int, ...]
-  offset: int
-  nbytes: int
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-  """Parses a safetensors header and checks every tensor against the file size (reads no data)."""
-  path = Path(path)
-  if not path.is_file():
-    raise CheckpointError(f"{path}: file not found")
-  size = path.stat().st_size
-  with open(path, "rb") as f:
-    head = f.read(8)
-    if len(head) < 8:
-      raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-    n = int.from_bytes(head, "little")
-    if 8 + n > size:
-      raise CheckpointError(f"{path}: truncated safetensors file (header needs {8 + n} bytes, "
-                            f"file has {size})")
-    try:
-      header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-  if not isinstance(header, dict):
-    raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-  infos: dict[str, TensorInfo] = {}
-  for key, meta in header.items():
-    if key == "__metadata__":
-      continue
-    try:
-      dtype, shape = meta["dtype"], tuple(int(d) for d in meta["shape"])
-      start, end = (int(o) for o in meta["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-      raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r}") from None
-    if dtype not in _ST_ITEMSIZE:
-      raise CheckpointError(f"{path}: tensor {key!r} has unknown dtype {dtype!r}")
-    need = math.prod(shape) * _ST_ITEMSIZE[dtype]
-    if end - start != need:
-      raise CheckpointError(f"{path}: tensor {key!r} spans {end - start} bytes, but shape "
-                            f"{shape} {dtype} needs {need}")
-    if 8 + n + end > size:
-      raise CheckpointError(f"{path}: truncated safetensors file (tensor {key!r} ends at byte "
-                            f"{8 + n + end}, file has {size})")
-    infos[key] = TensorInfo(key, path, dtype, shape, 8 + n + start, end - start)
-  return infos
-
-
-def index_checkpoint(model_dir: Path) -> dict[str, TensorInfo]:
-  """Headers of `model.safetensors`, or of every shard named by `model.safetensors.index.json`."""
-  model_dir = Path(model_dir)
-  single, index = model_dir / WEIGHTS_NAME, model_dir / INDEX_NAME
-  if single.exists():  # as transformers: the single file wins when both exist
-    return read_safetensors_header(single)
-  if not index.exists():
-    raise CheckpointError(f"{model_dir}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
-  try:
-    weight_map = json.loads(index.read_text())["weight_map"]
-    files = sorted(set(weight_map.values()))
-  except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-    raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
-  infos: dict[str, TensorInfo] = {}
-  for name in files:
-    if not (model_dir / name).is_file():
-      raise CheckpointError(f"{index}: shard {name!r} not found in {model_dir}")
-    for key, info in read_safetensors_header(model_dir / name).items():
-      if key in infos:
-        raise CheckpointError(f"tensor {key!r} appears in both {infos[key].file.name} and {name}")
-      infos[key] = info
-  for key, name in weight_map.items():
-    if key not in infos or infos[key].file.name != name:
-      raise CheckpointError(f"{index}: lists tensor {key!r} in {name}, which does not contain it")
-  return infos
-
-
-class TensorReader:
-  """Reads tensors one at a time with plain reads, keeping one open handle per file."""
-
-  def __init__(self):
-    self._files: dict[Path, Any] = {}
-
-  def __call__(self, info: TensorInfo) -> np.ndarray:
-    dtype = _ST_FLOAT.get(info.dtype)
-    if dtype is None:
-      raise CheckpointError(f"tensor {info.key!r} in {info.file.name} has dtype {info.dtype}, "
-                            f"expected one of {', '.join(_ST_FLOAT)}")
-    f = self._files.get(info.file)
-    if f is None:
-      f = self._files[info.file] = open(info.file, "rb")  # pylint: disable=consider-using-with
-    out = np.empty(info.shape, dtype)
-    f.seek(info.offset)
-    if f.readinto(out.reshape(-1).view(np.uint8)) != info.nbytes:
-      raise CheckpointError(f"{info.file}: truncated while reading tensor {info.key!r}")
-    return out
-
-  def close(self) -> None:
-    for f in self._files.values():
-      f.close()
-    self._files.clear()
-
-  def __enter__(self) -> TensorReader:
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
+# --- safetensors headers against the key table ------------------------------------------------------
 
 def _check_headers(infos: Mapping[str, TensorInfo], expected: Mapping[str, tuple[KeyRule, int | None]],
                    state) -> None:
@@ -310,37 +189,9 @@ def _check_header_shapes(infos: Mapping[str, TensorInfo],
     if info.shape != want:
       raise CheckpointError(f"tensor {key!r} in {info.file.name} has shape {info.shape}, but "
                             f"{source} {want}")
-    if info.dtype not in _ST_FLOAT:
+    if info.dtype not in ST_FLOAT:
       raise CheckpointError(f"tensor {key!r} in {info.file.name} has dtype {info.dtype}, "
-                            f"expected one of {', '.join(_ST_FLOAT)}")
-
-
-def write_safetensors(path: Path, tensors: Iterable[tuple[str, np.dtype, tuple[int, ...],
-                                                          Callable[[], np.ndarray]]],
-                      metadata: Mapping[str, str] | None = None) -> None:
-  """Streams tensors into a safetensors file: header first, then each tensor as it is produced.
-
-  `tensors` yields (key, numpy dtype, shape, produce) and `produce()` is called once per tensor, so
-  only one tensor is materialised at a time.
-  """
-  tensors = list(tensors)
-  header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
-  offset = 0
-  for key, dtype, shape, _ in tensors:
-    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    header[key] = {"dtype": _NP_TO_ST[np.dtype(dtype)], "shape": list(shape),
-                   "data_offsets": [offset, offset + nbytes]}
-    offset += nbytes
-  raw = json.dumps(header, separators=(",", ":")).encode()
-  raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer pads
-  with open(path, "wb") as f:
-    f.write(len(raw).to_bytes(8, "little"))
-    f.write(raw)
-    for key, dtype, shape, produce in tensors:
-      x = np.ascontiguousarray(produce(), dtype=dtype)
-      if x.shape != tuple(shape):
-        raise ValueError(f"tensor {key!r} produced shape {x.shape}, header says {tuple(shape)}")
-      f.write(x.reshape(-1).view(np.uint8).data)
+                            f"expected one of {', '.join(ST_FLOAT)}")
 
 
 # --- placement onto devices -------------------------------------------------------------------------
@@ -598,50 +449,6 @@ def _abstract_target(tree: Mapping[str, Any], shard_of, path=()) -> dict[str, An
           for k, v in tree.items()}
 
 
-def _umask() -> int:
-  umask = os.umask(0)
-  os.umask(umask)
-  return umask
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` through a temp file beside `path` and a rename: the file appears complete or
-  not at all, with the permissions a plain open() would give it (not mkstemp's 0600)."""
-  path = Path(path).absolute()
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, *, replace: bool = False):
-  """Yields a temp dir beside `out_dir` that is renamed onto it only if the body succeeds.
-
-  replace: remove an existing `out_dir` just before the rename (else an existing one is an error).
-  The result has the permissions of a plain mkdir (the process umask), not mkdtemp's 0700.
-  """
-  out_dir = Path(out_dir).absolute()
-  if out_dir.exists() and not replace:
-    raise CheckpointError(f"{out_dir}: already exists (remove it first)")
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-  try:
-    yield tmp
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> what a plain mkdir gives
-    if replace and out_dir.exists():
-      shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
 def _copy_side_files(src: Path | None, dst: Path) -> None:
   if src is None:
     return
@@ -788,6 +595,18 @@ def _export_entries(state, entries: Mapping[str, tuple[KeyRule, int | None]], dt
   return out
 
 
+def write_peft_adapter(model: NLDModel, adapter_dir: Path, *, naming: str = "nld",
+                       base_model_name_or_path: str | None = None) -> None:
+  """Writes the model's adapter in PEFT format (spec §2.3) into the existing `adapter_dir`:
+  adapter_config.json and adapter_model.safetensors (fp32 factors, key table order)."""
+  _, state = nnx.split(model)
+  write_safetensors(adapter_dir / ADAPTER_WEIGHTS,
+                    _export_entries(state, expected_lora_keys(model.cfg, model.lora, naming),
+                                    np.float32))
+  (adapter_dir / ADAPTER_CONFIG).write_text(
+      json.dumps(adapter_config(model.lora, base_model_name_or_path), indent=2))
+
+
 def export_hf(model: NLDModel, out_dir: str | os.PathLike, *, naming: str = "nld", dtype=None,
               source_dir: str | os.PathLike | None = None) -> Path:
   """Writes an HF-layout directory: config.json, model.safetensors and, when the model carries the
@@ -807,12 +626,9 @@ def export_hf(model: NLDModel, out_dir: str | os.PathLike, *, naming: str = "nld
   with atomic_dir(Path(out_dir)) as tmp:
     write_safetensors(tmp / WEIGHTS_NAME, base)
     (tmp / "config.json").write_text(json.dumps(
-        _config_json(cfg, source, naming, _ST_TO_HF_DTYPE[_NP_TO_ST[base[0][1]]]), indent=2))
+        _config_json(cfg, source, naming, ST_TO_HF_DTYPE[NP_TO_ST[base[0][1]]]), indent=2))
     _copy_side_files(source, tmp)
     if model.lora is not None:
       (tmp / LORA_DIR).mkdir()
-      write_safetensors(tmp / LORA_DIR / ADAPTER_WEIGHTS,
-                        _export_entries(state, expected_lora_keys(cfg, model.lora, naming),
-                                        np.float32))
-      (tmp / LORA_DIR / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(model.lora), indent=2))
+      write_peft_adapter(model, tmp / LORA_DIR, naming=naming)
   return Path(out_dir).absolute()

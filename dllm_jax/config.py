@@ -157,14 +157,6 @@ class ModelConfig:
       out["pad_token_id"] = self.pad_token_id
     return out
 
-  def param_count(self) -> int:
-    """Parameter count from the abstract model shapes (no allocation)."""
-    import jax  # pylint: disable=g-import-not-at-top
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    from dllm_jax.model import abstract_model  # pylint: disable=g-import-not-at-top
-    state = nnx.state(abstract_model(self), nnx.Param)
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
-
 
 def _read_hf_fields(hf: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
   """`config.json` -> (ModelConfig keyword arguments, our field -> the `config.json` name read).

@@ -415,6 +415,12 @@ def with_attention_impl(model: NLDModel, impl: str) -> NLDModel:
   return nnx.merge(graphdef, nnx.state(model))
 
 
+def param_count(cfg: ModelConfig) -> int:
+  """Parameter count of a model for `cfg`, from the abstract shapes (no allocation)."""
+  state = nnx.state(abstract_model(cfg), nnx.Param)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+
 def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens, **kw):
   """Pure forward over an `nnx.split` model: usable inside jit / while_loop with array state only."""
   return nnx.merge(graphdef, state)(tokens, **kw)

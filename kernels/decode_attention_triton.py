@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
-from kernels import split_kv
+from dllm_jax.kernels import split_kv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,11 +163,3 @@ def decode_attention(q, k, v, *, mask: str, q_offset=None, kv_len=None, block_k=
       num_stages=block_sizes.num_stages, **{out_kw: out_types}, **lp.constexprs)
   return split_kv.finish(o_parts, lse_parts, q, block_k=block_k, block_v=block_v,
                          key_valid=key_valid, scale=scale)
-
-
-def decode_attention_reference(q, k, v, *, mask: str, q_offset=None, kv_len=None, block_k=None,
-                               block_v=None, key_valid=None, scale: float | None = None):
-  """Plain XLA attention for the same patterns (fp32 softmax): the oracle for this kernel."""
-  from dllm_jax.attention import attention_reference  # deferred: dllm_jax imports this module
-  return attention_reference(q, k, v, mask=mask, q_offset=q_offset, kv_len=kv_len,
-                             block_k=block_k, block_v=block_v, key_valid=key_valid, scale=scale)

@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import split_kv
+from dllm_jax.kernels import split_kv
 
 PATTERNS = ("causal", "prefix", "bidirectional", "block_diff")
 _ROW_GRANULE = 64  # wgmma M granule on Hopper
@@ -337,13 +337,3 @@ def flash_attention(q, k, v, *, mask: str, q_offset=None, kv_len=None, block_k=N
                               k, v)
   return split_kv.finish(o_parts, lse_parts, q, block_k=block_k, block_v=block_v,
                          key_valid=key_valid, scale=scale)
-
-
-def flash_attention_reference(q, k, v, *, mask: str, q_offset=None, kv_len=None, block_k=None,
-                              block_v=None, key_valid=None, block_size: int | None = None,
-                              scale: float | None = None):
-  """Plain XLA attention for the same patterns (fp32 softmax): the oracle for this kernel."""
-  from dllm_jax.attention import attention_reference  # deferred: dllm_jax imports this module
-  return attention_reference(q, k, v, mask=mask, q_offset=q_offset, kv_len=kv_len,
-                             block_k=block_k, block_v=block_v, block_size=block_size,
-                             key_valid=key_valid, scale=scale)

@@ -42,14 +42,15 @@ from ml_collections import config_flags
 import numpy as np
 import torch
 
-from dllm_jax import bench_utils as bu
-from dllm_jax.checkpoint import model_from_state_dict, write_text_atomic
+from dllm_jax.atomic_files import write_text_atomic
+from dllm_jax.checkpoint import model_from_state_dict
 from dllm_jax.config import ModelConfig, preset
 from dllm_jax.decode import LAYER_LAYOUTS, generate
 from dllm_jax.decode.common import bucket_length
-from dllm_jax.model import LoRAConfig, NLDModel
+from dllm_jax.model import LoRAConfig, NLDModel, param_count
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_utils as bu  # pylint: disable=g-import-not-at-top,wrong-import-position
 import torch_reference_decode as tref  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,7 +251,7 @@ def comparison_section(config: ml_collections.ConfigDict) -> list[dict[str, Any]
     print(f"[bench] loading {name} ...", flush=True)
     models = load_models(name, spec, config, dtype, torch_dtype, torch_device,
                          need_lora="spec" in modes)
-    print(f"[bench] {name}: {models.cfg.param_count() / 1e6:.1f}M parameters", flush=True)
+    print(f"[bench] {name}: {param_count(models.cfg) / 1e6:.1f}M parameters", flush=True)
     for mode in modes:
       if mode != "ar" and models.cfg.mask_token_id is None:
         print(f"[bench] {name}: skipping {mode} (an AR model without a mask token)", flush=True)
@@ -270,7 +271,7 @@ def run_case(models: Models, mode: str, batch: int, threshold: float | None,
              prompts: np.ndarray, config: ml_collections.ConfigDict) -> dict[str, Any]:
   sub = config[mode]
   print(f"[bench] {models.name} {mode} batch={batch} threshold={threshold} ...", flush=True)
-  row = dict(model=models.name, params_m=models.cfg.param_count() / 1e6, mode=mode, batch=batch,
+  row = dict(model=models.name, params_m=param_count(models.cfg) / 1e6, mode=mode, batch=batch,
              prompt_length=int(prompts.shape[1]), max_new_tokens=sub.max_new_tokens,
              block_length=sub.get("block_length"), threshold=threshold,
              draft_lora=models.lora is not None if mode == "spec" else None)

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dllm_jax import attention as attn_lib
-from dllm_jax.checkpoint import write_text_atomic
-from kernels import attention_choices
+from dllm_jax.atomic_files import write_text_atomic
+from dllm_jax.kernels import attention_choices
 
 DISPATCH_IMPLS = ("xla", "pallas", "triton", "cudnn")
 BASELINES = ("jax.nn-xla", "jax.nn-cudnn")

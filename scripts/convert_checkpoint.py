@@ -18,6 +18,7 @@ import time
 import jax.numpy as jnp
 
 from dllm_jax.checkpoint import CheckpointError, load_pretrained, save_converted
+from dllm_jax.model import param_count
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   t2 = time.perf_counter()
   lora = f", draft LoRA r={pre.lora.rank} alpha={pre.lora.alpha:g}" if pre.lora else ""
-  print(f"wrote {out} ({pre.config.param_count() / 1e9:.3f} B params, {args.dtype}{lora}); "
+  print(f"wrote {out} ({param_count(pre.config) / 1e9:.3f} B params, {args.dtype}{lora}); "
         f"load {t1 - t0:.1f} s, save {t2 - t1:.1f} s")
   return 0
 

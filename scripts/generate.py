@@ -370,7 +370,7 @@ def write_json(path: str, record: dict[str, Any]) -> None:
   if path == "-":
     sys.stdout.write(text)
     return
-  from dllm_jax.checkpoint import write_text_atomic  # pylint: disable=g-import-not-at-top
+  from dllm_jax.atomic_files import write_text_atomic  # pylint: disable=g-import-not-at-top
   write_text_atomic(path, text)
 
 

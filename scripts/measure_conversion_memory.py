@@ -46,6 +46,7 @@ def write_synthetic(out: Path, cfg, dtype: str, lora_rank: int = 128) -> int:
   """An HF directory with random weights; returns the bytes of model.safetensors."""
   import ml_dtypes  # pylint: disable=g-import-not-at-top
   from dllm_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  from dllm_jax import safetensors_io  # pylint: disable=g-import-not-at-top
   from dllm_jax.model import abstract_model, LoRAConfig  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
@@ -61,14 +62,15 @@ def write_synthetic(out: Path, cfg, dtype: str, lora_rank: int = 128) -> int:
 
   lora = LoRAConfig(lora_rank, 4 * lora_rank)
   _, state = nnx.split(abstract_model(cfg, lora=lora))
-  ckpt.write_safetensors(out / ckpt.WEIGHTS_NAME,
-                         entries(ckpt.expected_hf_keys(cfg), state, np_dtype))
+  safetensors_io.write_safetensors(out / safetensors_io.WEIGHTS_NAME,
+                                   entries(ckpt.expected_hf_keys(cfg), state, np_dtype))
   lora_dir = out / ckpt.LORA_DIR
   lora_dir.mkdir()
-  ckpt.write_safetensors(lora_dir / ckpt.ADAPTER_WEIGHTS,
-                         entries(ckpt.expected_lora_keys(cfg, lora), state, np.dtype(np.float32)))
+  safetensors_io.write_safetensors(
+      lora_dir / ckpt.ADAPTER_WEIGHTS,
+      entries(ckpt.expected_lora_keys(cfg, lora), state, np.dtype(np.float32)))
   (lora_dir / ckpt.ADAPTER_CONFIG).write_text(json.dumps(ckpt.adapter_config(lora)))
-  return (out / ckpt.WEIGHTS_NAME).stat().st_size
+  return (out / safetensors_io.WEIGHTS_NAME).stat().st_size
 
 
 def run_phase(phase: str, hf: Path, conv: Path, dtype: str) -> dict:

@@ -27,17 +27,17 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_attention as ba  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dllm_jax.checkpoint import write_text_atomic  # pylint: disable=wrong-import-position
+from dllm_jax.atomic_files import write_text_atomic  # pylint: disable=wrong-import-position
 
 
 def pallas_grid():
-  from kernels import flash_attention_mgpu as m  # pylint: disable=g-import-not-at-top
+  from dllm_jax.kernels import flash_attention_mgpu as m  # pylint: disable=g-import-not-at-top
   for rows, kv, stages in itertools.product((64, 128), (64, 128), (2, 3, 4)):
     yield m.BlockSizes(block_rows=rows, block_kv=kv, stages=stages), m.flash_attention
 
 
 def triton_grid():
-  from kernels import decode_attention_triton as t  # pylint: disable=g-import-not-at-top
+  from dllm_jax.kernels import decode_attention_triton as t  # pylint: disable=g-import-not-at-top
   for rows, kv, warps in itertools.product((32, 64, 128), (32, 64, 128), (4, 8)):
     yield (t.BlockSizes(block_rows=rows, block_kv=kv, num_warps=warps), t.decode_attention)
 

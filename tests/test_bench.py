@@ -141,7 +141,7 @@ def test_transfer_schedule_matches_spec_example(tref):
 
 
 def test_torch_model_holds_the_given_weights(tref):
-  from dllm_jax import bench_utils  # pylint: disable=g-import-not-at-top
+  bench_utils = _load_script("bench_utils")
   cfg = preset("tiny")
   tensors = bench_utils.random_llama_tensors(cfg, seed=0)
   model = tref.torch_model(cfg, tensors)

@@ -21,6 +21,7 @@ from flax import nnx
 
 import ckpt_utils as cu
 from dllm_jax import checkpoint as ckpt
+from dllm_jax import safetensors_io
 from dllm_jax.checkpoint import CheckpointError, export_hf, load_pretrained, save_converted
 from dllm_jax.config import ModelConfig, preset
 
@@ -321,7 +322,7 @@ def test_corrupt_input_one_clear_error(name, ckpt_copy, monkeypatch):
   corrupt, pattern = CORRUPTIONS[name]
   corrupt(ckpt_copy)
   # Every fault, truncation included, is visible in headers and configs: no tensor data is read.
-  monkeypatch.setattr(ckpt.TensorReader, "__call__",
+  monkeypatch.setattr(safetensors_io.TensorReader, "__call__",
                       lambda *a: pytest.fail("tensor data read before validation finished"))
   with pytest.raises(CheckpointError, match=pattern) as e:
     load_pretrained(ckpt_copy, dtype=jnp.float32)
@@ -333,9 +334,9 @@ def test_bad_index(ckpts, tmp_path):
   (d / "model-00002-of-00003.safetensors").unlink()
   with pytest.raises(CheckpointError, match="shard 'model-00002-of-00003.safetensors' not found"):
     load_pretrained(d)
-  index = json.loads((d / ckpt.INDEX_NAME).read_text())
+  index = json.loads((d / safetensors_io.INDEX_NAME).read_text())
   index["weight_map"] = {k: "model-00001-of-00003.safetensors" for k in index["weight_map"]}
-  (d / ckpt.INDEX_NAME).write_text(json.dumps(index))
+  (d / safetensors_io.INDEX_NAME).write_text(json.dumps(index))
   with pytest.raises(CheckpointError, match="lists tensor .* which does not contain it"):
     load_pretrained(d)
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from dllm_jax.config import ModelConfig, PRESETS, preset
+from dllm_jax.model import param_count
 
 # The NLD 14B instruct config.json as published (spec §1.2), as transformers 5 writes it.
 NLD_14B_CONFIG = json.loads("""{
@@ -59,8 +60,8 @@ def test_round_trip_through_hf_dict():
 @pytest.mark.parametrize("name,billions", [("nld-3b", 3.83), ("nld-8b", 8.49), ("nld-14b", 13.51)])
 def test_param_counts_match_spec(name, billions):
   # Spec §1.4: per-layer 116.4M/218.1M/304.1M, embed + untied head 2 x V x d.
-  assert abs(preset(name).param_count() / 1e9 - billions) < 0.006
-  assert preset(name).param_count() == preset(name + "-base").param_count()
+  assert abs(param_count(preset(name)) / 1e9 - billions) < 0.006
+  assert param_count(preset(name)) == param_count(preset(name + "-base"))
 
 
 def test_errors_name_the_culprit():

@@ -48,7 +48,7 @@ def test_auto_is_xla_on_cpu_and_cudnn_refuses():
 
 
 def test_measured_table_is_well_formed_and_classes_follow_query_counts():
-  from kernels import attention_choices as C
+  from dllm_jax.kernels import attention_choices as C
   for device, choices in C.MEASURED.items():
     assert set(choices) <= set(C.SHAPE_CLASSES), device
     assert set(choices.values()) <= {"xla", "pallas", "triton", "cudnn"}, device

@@ -13,7 +13,7 @@ from jax._src.pallas.mosaic_gpu.interpret.gpu_callbacks import get_races
 from jax._src.pallas.mosaic_gpu.interpret.gpu_callbacks import reset_gpu_interpret_mode_state
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.flash_attention_mgpu import BlockSizes, flash_attention
+from dllm_jax.kernels.flash_attention_mgpu import BlockSizes, flash_attention
 
 from attention_oracle import numpy_attention
 
@@ -109,7 +109,7 @@ def test_shape_errors_name_the_argument():
 
 
 def test_default_tiling_fits_hopper_shared_memory_at_nld_head_dim_only():
-  from kernels import flash_attention_mgpu as m
+  from dllm_jax.kernels import flash_attention_mgpu as m
   # By hand, bf16: Q 64x128 + K/V ring 2x2x128x128 + P 64x128 (x2 bytes) + fp32 O and LSE
   # 64x129x4 = 196,864 bytes <= 227 KiB; at head_dim 256 the same tiles need 377,088 bytes.
   assert m.smem_bytes(64, 128, 2, 128, 2) == 196_864

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import triton
 
-from kernels import decode_attention_triton as dat
-from kernels import split_kv
+from dllm_jax.kernels import decode_attention_triton as dat
+from dllm_jax.kernels import split_kv
 
 from attention_oracle import numpy_attention
 

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from dllm_jax.checkpoint import write_text_atomic
+from dllm_jax.atomic_files import write_text_atomic
 from dllm_jax.decode import AR, generate
 from dllm_jax.model import NLDModel
 from dllm_jax.tokenizer import TextTokenizer

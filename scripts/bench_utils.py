@@ -26,7 +26,7 @@ from flax import nnx
 from dllm_jax.checkpoint import hf_tensor_shapes
 from dllm_jax.config import ModelConfig
 from dllm_jax.kv_cache import KVCache
-from dllm_jax.model import NLDModel, forward
+from dllm_jax.model import NLDModel, forward, param_count
 
 # --- timing and memory ----------------------------------------------------------------------------
 
@@ -203,7 +203,7 @@ def bytes_per_forward(cfg: ModelConfig, shape: ForwardShape, dtype) -> dict[str,
   """Bytes one forward must read from memory at least: every weight but the embedding table (only
   `batch*tokens` rows of it are gathered) and the K/V of the context, all layers."""
   item = jnp.dtype(dtype).itemsize
-  params = cfg.param_count()
+  params = param_count(cfg)
   table = cfg.vocab_size * cfg.hidden_size
   if cfg.tie_word_embeddings:
     table = 0  # the tied table is read whole as the output head
