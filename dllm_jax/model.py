@@ -392,12 +392,13 @@ class NLDModel(nnx.Module):
     return logits, cache
 
 
-def lora_linears(model: NLDModel) -> dict[str, list[Linear]]:
-  """target name -> the Linear carrying that adapter in each layer; empty without a LoRA."""
+def lora_linears(model: NLDModel) -> list[tuple[str, int, Linear]]:
+  """(target name, layer index, the Linear carrying that adapter), targets in canonical order,
+  each over all layers; empty without a LoRA."""
   if model.lora is None:
-    return {}
-  return {t: [getattr(getattr(layer, LORA_TARGETS[t]), t) for layer in model.encoder.layers]
-          for t in model.lora.targets}
+    return []
+  return [(t, i, getattr(getattr(layer, LORA_TARGETS[t]), t))
+          for t in model.lora.targets for i, layer in enumerate(model.encoder.layers)]
 
 
 def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=None,

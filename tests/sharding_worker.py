@@ -46,7 +46,7 @@ GENERATE_KW = dict(max_new_tokens=8, block_length=4)
 def build_model() -> NLDModel:
   """The test model, with non-zero draft LoRAs so that spec drafts differ from plain diffusion."""
   model = NLDModel(CFG, lora=LORA, rngs=nnx.Rngs(0))
-  for i, linear in enumerate(lora_linears(model).values()):
+  for i, (_, _, linear) in enumerate(lora_linears(model)):
     lora_b = linear.lora_b
     lora_b[...] = 0.02 * jax.random.normal(jax.random.key(1 + i), lora_b.shape, lora_b.dtype)
   return model
@@ -76,8 +76,8 @@ def greedy_ar(model: NLDModel, tokens: np.ndarray, lengths: np.ndarray,
     return jnp.asarray(x) if mesh is None else shd.put(x, shd.logical_sharding(mesh, names, rules))
 
   cache = KVCache.init(CFG, tokens.shape[0], MAX_LEN)
-  cache = KVCache(place(cache.k, shd.CACHE_AXES), place(cache.v, shd.CACHE_AXES),
-                  place(cache.lengths, ("batch",)))
+  cache = KVCache(tuple(place(k, shd.CACHE_AXES) for k in cache.k),
+                  tuple(place(v, shd.CACHE_AXES) for v in cache.v), place(cache.lengths, ("batch",)))
   if mesh is None:
     jit = functools.partial(jax.jit, donate_argnums=2)
   else:
@@ -95,7 +95,8 @@ def greedy_ar(model: NLDModel, tokens: np.ndarray, lengths: np.ndarray,
 
   lengths_dev = place(lengths, ("batch",))
   logits, cache = prefill(state, place(tokens, ("batch", None)), cache, lengths_dev)
-  result = dict(prefill_logits=shd.gather(logits), prefill_k=shd.gather(cache.k))
+  result = dict(prefill_logits=shd.gather(logits),
+                prefill_k=np.stack([shd.gather(k) for k in cache.k]))
   last = jnp.take_along_axis(logits, (lengths_dev - 1)[:, None, None], axis=1)
   out = []
   for i in range(DECODE_STEPS):
@@ -113,7 +114,8 @@ def generate_all(model: NLDModel, mesh=None) -> dict[str, np.ndarray]:
   prompts = [row[:n].tolist() for row, n in zip(tokens, lengths)]
   results = {}
   for mode in GENERATE_MODES:
-    rows = generate(model, prompts, settings_for(mode, **GENERATE_KW), mesh=mesh).tokens
+    kw = {k: v for k, v in GENERATE_KW.items() if mode != "ar" or k != "block_length"}
+    rows = generate(model, prompts, settings_for(mode, **kw), mesh=mesh).tokens
     # A speculative round may run past max_new_tokens by up to one block.
     width = GENERATE_KW["max_new_tokens"] + GENERATE_KW["block_length"]
     padded = np.full((len(rows), width), -1, np.int32)
@@ -128,7 +130,7 @@ def placement(model: NLDModel, cache: KVCache) -> dict[str, np.ndarray]:
   arrays = {"/".join(str(k.key) for k in path): var[...]
             for path, var in jax.tree_util.tree_leaves_with_path(
                 nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))}
-  arrays["cache/k"] = cache.k
+  arrays.update({f"cache/k/{i}": k for i, k in enumerate(cache.k)})
   return {f"bytes:{path}": np.array([s.data.nbytes for s in x.addressable_shards])
           for path, x in arrays.items()}
 

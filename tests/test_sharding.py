@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -94,43 +95,51 @@ def test_logical_spec_errors():
 
 
 # Written out by hand from the Megatron layout: which dimension of each parameter is split over
-# the model axis (None: replicated). Layer parameters have the leading layers axis.
+# the model axis (None: replicated). "*" stands for every layer index.
 SPLIT_DIM = {
     "encoder/embed_tokens/embedding": 0,
     "diffusion_head/kernel": 1,
     "encoder/norm/weight": None,
-    "encoder/layers/input_layernorm/weight": None,
-    "encoder/layers/post_attention_layernorm/weight": None,
-    "encoder/layers/self_attn/q_proj/kernel": 2,
-    "encoder/layers/self_attn/k_proj/kernel": 2,
-    "encoder/layers/self_attn/v_proj/kernel": 2,
-    "encoder/layers/self_attn/o_proj/kernel": 1,
-    "encoder/layers/mlp/gate_proj/kernel": 2,
-    "encoder/layers/mlp/up_proj/kernel": 2,
-    "encoder/layers/mlp/down_proj/kernel": 1,
-    # LoRA factors a [layers, in, r], b [layers, r, out]: split where their kernel is, the rank
-    # dimension replicated.
-    "encoder/layers/self_attn/q_proj/lora_a": None,
-    "encoder/layers/self_attn/q_proj/lora_b": 2,
-    "encoder/layers/self_attn/k_proj/lora_a": None,
-    "encoder/layers/self_attn/k_proj/lora_b": 2,
-    "encoder/layers/self_attn/v_proj/lora_a": None,
-    "encoder/layers/self_attn/v_proj/lora_b": 2,
-    "encoder/layers/self_attn/o_proj/lora_a": 1,
-    "encoder/layers/self_attn/o_proj/lora_b": None,
-    "encoder/layers/mlp/gate_proj/lora_a": None,
-    "encoder/layers/mlp/gate_proj/lora_b": 2,
-    "encoder/layers/mlp/up_proj/lora_a": None,
-    "encoder/layers/mlp/up_proj/lora_b": 2,
-    "encoder/layers/mlp/down_proj/lora_a": 1,
-    "encoder/layers/mlp/down_proj/lora_b": None,
+    "encoder/layers/*/input_layernorm/weight": None,
+    "encoder/layers/*/post_attention_layernorm/weight": None,
+    "encoder/layers/*/self_attn/q_proj/kernel": 1,
+    "encoder/layers/*/self_attn/k_proj/kernel": 1,
+    "encoder/layers/*/self_attn/v_proj/kernel": 1,
+    "encoder/layers/*/self_attn/o_proj/kernel": 0,
+    "encoder/layers/*/mlp/gate_proj/kernel": 1,
+    "encoder/layers/*/mlp/up_proj/kernel": 1,
+    "encoder/layers/*/mlp/down_proj/kernel": 0,
+    # LoRA factors a [in, r], b [r, out]: split where their kernel is, the rank dimension
+    # replicated.
+    "encoder/layers/*/self_attn/q_proj/lora_a": None,
+    "encoder/layers/*/self_attn/q_proj/lora_b": 1,
+    "encoder/layers/*/self_attn/k_proj/lora_a": None,
+    "encoder/layers/*/self_attn/k_proj/lora_b": 1,
+    "encoder/layers/*/self_attn/v_proj/lora_a": None,
+    "encoder/layers/*/self_attn/v_proj/lora_b": 1,
+    "encoder/layers/*/self_attn/o_proj/lora_a": 0,
+    "encoder/layers/*/self_attn/o_proj/lora_b": None,
+    "encoder/layers/*/mlp/gate_proj/lora_a": None,
+    "encoder/layers/*/mlp/gate_proj/lora_b": 1,
+    "encoder/layers/*/mlp/up_proj/lora_a": None,
+    "encoder/layers/*/mlp/up_proj/lora_b": 1,
+    "encoder/layers/*/mlp/down_proj/lora_a": 0,
+    "encoder/layers/*/mlp/down_proj/lora_b": None,
 }
-KV_KERNELS = ("encoder/layers/self_attn/k_proj/kernel", "encoder/layers/self_attn/v_proj/kernel",
-              "encoder/layers/self_attn/k_proj/lora_b", "encoder/layers/self_attn/v_proj/lora_b")
+KV_KERNELS = ("encoder/layers/*/self_attn/k_proj/kernel",
+              "encoder/layers/*/self_attn/v_proj/kernel",
+              "encoder/layers/*/self_attn/k_proj/lora_b",
+              "encoder/layers/*/self_attn/v_proj/lora_b")
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def generic(path: str) -> str:
+  """A parameter path with its layer index replaced by "*"."""
+  return re.sub(r"^encoder/layers/\d+/", "encoder/layers/*/", path)
+
+
 def split_dim(path: str, kv_replicated: bool) -> int | None:
+  path = generic(path)
   return None if kv_replicated and path in KV_KERNELS else SPLIT_DIM[path]
 
 
@@ -146,7 +155,7 @@ def test_param_shardings_follow_megatron_layout(model_axis):
   state = nnx.state(abstract_model(cfg, lora=LoRAConfig(rank=4, alpha=8.0, targets=ALL_TARGETS)))
   shardings = flat(shd.param_shardings(state, mesh, shd.mesh_rules(cfg, mesh)))
   shapes = flat(state)
-  assert set(shardings) == set(SPLIT_DIM)
+  assert {generic(p) for p in shardings} == set(SPLIT_DIM)
   for path, var in shardings.items():
     dim = split_dim(path, kv_replicated=model_axis == 4)
     spec = [None] * len(shapes[path].shape)
@@ -163,10 +172,11 @@ def test_param_shardings_reject_mismatched_axes():
 
 def test_cache_shardings():
   cache = shd.cache_shardings(abstract_mesh(2, 2), preset("tiny"))
-  assert cache.k.spec == cache.v.spec == P(None, "data", None, "model", None)
+  assert len(cache.k) == len(cache.v) == preset("tiny").num_layers  # one buffer pair per layer
+  assert {x.spec for x in cache.k + cache.v} == {P("data", None, "model", None)}
   assert cache.lengths.spec == P("data")
   replicated = shd.cache_shardings(abstract_mesh(2, 4), preset("tiny"))
-  assert replicated.k.spec == P(None, "data", None, None, None)
+  assert {x.spec for x in replicated.k} == {P("data", None, None, None)}
 
 
 # --- sharded runs (subprocesses) ------------------------------------------------------------------
@@ -287,9 +297,10 @@ def test_params_and_cache_are_distributed(shape, mesh_results):
     expected_per_device += total / parts
   np.testing.assert_array_equal(per_device, expected_per_device)
   batch = len(worker.PROMPT_LENGTHS)
-  cache_total = cfg.num_layers * batch * worker.MAX_LEN * cfg.num_kv_heads * cfg.head_dim * 4
+  layer_cache = batch * worker.MAX_LEN * cfg.num_kv_heads * cfg.head_dim * 4  # one layer's k
   cache_parts = data * (1 if kv_replicated else model)
-  np.testing.assert_array_equal(shard_bytes["cache/k"], cache_total // cache_parts)
+  for i in range(cfg.num_layers):
+    np.testing.assert_array_equal(shard_bytes[f"cache/k/{i}"], layer_cache // cache_parts)
 
 
 def test_two_process_decode_matches_single_process(workers, reference):
@@ -299,8 +310,8 @@ def test_two_process_decode_matches_single_process(workers, reference):
     np.testing.assert_array_equal(got["mesh_processes"], [[0] * 4, [1] * 4])
     check_matches_reference(got, reference)
     # Each process holds 4 of the 8 shards; (2, 4) splits the q kernel over 4 model shards.
-    q = got["bytes:encoder/layers/self_attn/q_proj/kernel"]
-    q_total = cfg_bytes("encoder/layers/self_attn/q_proj/kernel")
+    q = got["bytes:encoder/layers/0/self_attn/q_proj/kernel"]
+    q_total = cfg_bytes("encoder/layers/0/self_attn/q_proj/kernel")
     np.testing.assert_array_equal(q, np.full(4, q_total // worker.MULTIHOST_MESH[1]))
 
 

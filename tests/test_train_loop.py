@@ -178,7 +178,7 @@ def test_peft_adapter_export_loads_back(tmp_path):
   """Adapters on several targets: PEFT names and shapes as spec §2.3, and a bit-exact reload."""
   lora = LoRAConfig(4, 16, targets=TARGETS)
   model = NLDModel(CFG, lora=lora, rngs=nnx.Rngs(0))
-  for i, linear in enumerate(lora_linears(model).values()):
+  for i, (_, _, linear) in enumerate(lora_linears(model)):
     linear.lora_b[...] = jax.random.normal(jax.random.PRNGKey(1 + i), linear.lora_b.shape)
   base_dir = tmp_path / "hf"
   export_hf(NLDModel(CFG, rngs=nnx.Rngs(0)), base_dir)
@@ -204,11 +204,11 @@ def test_peft_adapter_export_loads_back(tmp_path):
   loaded = load_pretrained(base_dir, dtype=jnp.float32, lora="required")
   assert loaded.lora == lora
   want, got = lora_linears(model), lora_linears(loaded.model)
-  assert list(got) == list(TARGETS)
-  for target in TARGETS:
+  assert [(t, i) for t, i, _ in got] == [(t, i) for t in TARGETS for i in range(CFG.num_layers)]
+  for (target, i, g), (_, _, w) in zip(got, want):
     for name in ("lora_a", "lora_b"):
-      np.testing.assert_array_equal(getattr(got[target], name)[...],
-                                    getattr(want[target], name)[...], err_msg=target)
+      np.testing.assert_array_equal(getattr(g, name)[...], getattr(w, name)[...],
+                                    err_msg=f"{target} layer {i}")
 
 
 def test_lora_only_training_on_several_targets(rng):
@@ -217,8 +217,8 @@ def test_lora_only_training_on_several_targets(rng):
   init_lora(model, jax.random.PRNGKey(1))
   base_before = [np.asarray(x) for x in jax.tree.leaves(
       nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))]
-  lora_before = {t: (np.asarray(l.lora_a[...]), np.asarray(l.lora_b[...]))
-                 for t, l in lora_linears(model).items()}
+  lora_before = {(t, i): (np.asarray(l.lora_a[...]), np.asarray(l.lora_b[...]))
+                 for t, i, l in lora_linears(model)}
   schedule = optax.constant_schedule(1e-2)
   trainer = Trainer(model, Objective.from_model_config(CFG, paradigm="draft"),
                     make_optimizer(schedule, weight_decay=0.0), trainable="lora")
@@ -230,10 +230,10 @@ def test_lora_only_training_on_several_targets(rng):
   assert len(base_after) == len(base_before)
   for a, b in zip(base_before, base_after):
     np.testing.assert_array_equal(a, np.asarray(b))
-  for target, linear in lora_linears(trained).items():
-    a0, b0 = lora_before[target]
-    assert np.abs(np.asarray(linear.lora_a[...]) - a0).max() > 0, target
-    assert np.abs(np.asarray(linear.lora_b[...]) - b0).max() > 0, target
+  for target, i, linear in lora_linears(trained):
+    a0, b0 = lora_before[target, i]
+    assert np.abs(np.asarray(linear.lora_a[...]) - a0).max() > 0, (target, i)
+    assert np.abs(np.asarray(linear.lora_b[...]) - b0).max() > 0, (target, i)
 
 
 def test_unknown_lora_target_is_named():
@@ -250,19 +250,19 @@ def test_unknown_lora_target_is_named():
 def test_merge_lora_equals_forward_with_adapter():
   """The merged kernels compute what the forward with the adapter computes, in every mode."""
   model = NLDModel(CFG, lora=LoRAConfig(4, 16, targets=TARGETS), rngs=nnx.Rngs(0))
-  for i, linear in enumerate(lora_linears(model).values()):
+  for i, (_, _, linear) in enumerate(lora_linears(model)):
     linear.lora_b[...] = 0.05 * jax.random.normal(jax.random.PRNGKey(1 + i), linear.lora_b.shape)
   merged = merge_lora(model)
   assert merged.lora is None
   tokens = jnp.asarray(counting_corpus(np.random.default_rng(0), 2, 16))
-  for mode in ("causal", "diffusion", "block_diff"):
-    x = jnp.concatenate([tokens, tokens], axis=1) if mode == "block_diff" else tokens
-    with_adapter, _ = model(x, mode=mode, lora=True)
-    without, _ = model(x, mode=mode)
-    got, _ = merged(x, mode=mode)
+  for pattern in ("causal", "bidirectional", "block_diff"):
+    x = jnp.concatenate([tokens, tokens], axis=1) if pattern == "block_diff" else tokens
+    with_adapter, _ = model(x, pattern=pattern, lora=True)
+    without, _ = model(x, pattern=pattern)
+    got, _ = merged(x, pattern=pattern)
     assert np.abs(np.asarray(with_adapter) - np.asarray(without)).max() > 1e-2  # the delta matters
     np.testing.assert_allclose(np.asarray(got), np.asarray(with_adapter), atol=2e-5, rtol=1e-5,
-                               err_msg=mode)
+                               err_msg=pattern)
 
 
 def test_lora_fine_tuning_of_the_joint_objective(tmp_path, rng):

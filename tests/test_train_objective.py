@@ -112,7 +112,7 @@ def jitted(model):
   """model(tokens, **kw) compiled once per shape (eager calls re-trace the layer scan each time)."""
   graphdef, state = nnx.split(model)
   fn = jax.jit(lambda st, tokens, **kw: forward(graphdef, st, tokens, **kw),
-               static_argnames=("mode", "lora"))
+               static_argnames=("pattern", "lora"))
   return lambda tokens, **kw: fn(state, jnp.asarray(tokens), **kw)
 
 
@@ -154,7 +154,7 @@ def test_block_diff_forward_equals_causal_and_cached_diffusion(model, rng):
 def test_draft_logits_equal_per_block_drafts(rng, blocks_per_pass):
   lora = LoRAConfig(4, 8, targets=("q_proj", "v_proj", "o_proj", "down_proj"))
   lora_model = NLDModel(CFG, lora=lora, rngs=nnx.Rngs(1))
-  for i, linear in enumerate(lora_linears(lora_model).values()):
+  for i, (_, _, linear) in enumerate(lora_linears(lora_model)):
     linear.lora_b[...] = 0.05 * jax.random.normal(jax.random.PRNGKey(2 + i), linear.lora_b.shape)
   run = jitted(lora_model)
   b, n = 2, 16

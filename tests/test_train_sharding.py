@@ -28,7 +28,7 @@ def run(shape, devices):
                     mesh=sharding.make_mesh(shape, devices))
   for _ in range(2):
     trainer.step(tokens, loss_mask)
-  up = trainer.state["params"]["encoder"]["layers"]["mlp"]["up_proj"]["kernel"]
+  up = trainer.state["params"]["encoder"]["layers"][0]["mlp"]["up_proj"]["kernel"]
   return [np.asarray(x) for x in jax.tree.leaves(trainer.state["params"])], up.sharding.spec
 
 ref, _ = run((1, 1), jax.devices()[:1])

@@ -30,12 +30,11 @@ def merge_lora(model: NLDModel) -> NLDModel:
   if model.lora is None:
     raise ValueError("the model has no LoRA adapter to merge")
   merged = {}
-  for target, linears in lora_linears(model).items():
-    for i, linear in enumerate(linears):
-      kernel = linear.kernel[...]
-      delta = linear.lora_a[...] @ linear.lora_b[...]
-      merged[i, target] = (kernel.astype(jnp.float32)
-                           + linear.lora_scale * delta).astype(kernel.dtype)
+  for target, i, linear in lora_linears(model):
+    kernel = linear.kernel[...]
+    delta = linear.lora_a[...] @ linear.lora_b[...]
+    merged[i, target] = (kernel.astype(jnp.float32)
+                         + linear.lora_scale * delta).astype(kernel.dtype)
   plain = nnx.eval_shape(lambda: NLDModel(model.cfg, dtype=model.dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(plain)
   _, base_state, _ = nnx.split(model, trainable_filter("full"), ...)  # every non-adapter weight

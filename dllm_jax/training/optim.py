@@ -58,8 +58,8 @@ def init_lora(model: NLDModel, key: jax.Array) -> None:
 
   A zero A (as a checkpoint loader leaves an absent adapter) would give A and B zero gradients.
   """
-  linears = [linear for per_layer in lora_linears(model).values() for linear in per_layer]
-  for k, linear in zip(jax.random.split(key, len(linears)), linears):
+  linears = lora_linears(model)
+  for k, (_, _, linear) in zip(jax.random.split(key, len(linears)), linears):
     a = linear.lora_a
     bound = 1.0 / jnp.sqrt(a.shape[-2])
     a[...] = jax.random.uniform(k, a.shape, jnp.float32, -bound, bound)
