@@ -2,6 +2,7 @@
 dispatcher, its gradients, "auto"/"cudnn"/"triton" on CPU, and the whole model with "pallas"."""
 
 import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -45,6 +46,43 @@ def test_auto_is_xla_on_cpu_and_cudnn_refuses():
   assert A.resolve_impl("auto", "causal", x, kv) == "xla"
   with pytest.raises(ValueError, match="cudnn.*backend is cpu"):
     A.attention(x, kv, kv, mask="causal", q_offset=jnp.zeros((1,), jnp.int32), impl="cudnn")
+
+
+def test_auto_on_a_gpu_picks_the_measured_winner_or_xla(monkeypatch):
+  """The choice per backend and call, decided without a GPU: the backend and device kind are
+  stubbed as an H100's; what each kernel can take is the dispatcher's own rule."""
+  from dllm_jax.kernels import attention_choices as C
+  h100 = "NVIDIA H100 80GB HBM3"
+
+  class Device:
+    device_kind = h100
+
+  monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(A.jax, "devices", lambda *a: [Device()])
+  has_triton = importlib.util.find_spec("jax_triton") is not None
+
+  def q(t, dtype=jnp.bfloat16, d=128):
+    return jax.ShapeDtypeStruct((1, t, 32, d), dtype)
+
+  kv = jax.ShapeDtypeStruct((1, 1024, 8, 128), jnp.bfloat16)
+  cases = [  # (mask, queries, extra operands) -> the measured class's winner where it applies
+      (("causal", q(4096), {}), C.MEASURED[h100]["prefill"]),
+      (("causal", q(32), {}), C.MEASURED[h100]["verify"]),
+      (("prefix", q(32), {}), C.MEASURED[h100]["prefix"]),
+      (("causal", q(1), {}), "triton" if has_triton else "xla"),  # triton needs jax_triton
+      (("causal", q(4096, jnp.float32), {}), "xla"),  # cuDNN takes bf16/f16 only
+      (("causal", q(32), {"key_valid": object()}), "xla"),  # the kernel takes no key padding
+      (("bidirectional", q(32), {}), "xla"),  # nothing measured for this class
+  ]
+  for (mask, query, kw), want in cases:
+    assert A.resolve_impl("auto", mask, query, kv, **kw) == want, (mask, query.shape, kw)
+  monkeypatch.setattr(A.jax, "devices", lambda *a: [type("Other", (), {"device_kind": "B200"})()])
+  assert A.resolve_impl("auto", "causal", q(4096), kv) == "xla"  # a device nobody measured
+
+
+def test_model_default_is_auto():
+  assert preset("tiny").attention_impl == "auto"
+  assert NLDModel(preset("tiny"), rngs=nnx.Rngs(0)).cfg.attention_impl == "auto"
 
 
 def test_measured_table_is_well_formed_and_classes_follow_query_counts():
