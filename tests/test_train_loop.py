@@ -315,6 +315,14 @@ def test_lora_fine_tuning_refuses_a_shipped_draft_adapter(tmp_path):
     train(config, encode=encode, log=lambda _: None)
 
 
+def test_config_overrides_are_refused_for_directories(tmp_path):
+  export_hf(NLDModel(CFG, rngs=nnx.Rngs(0)), tmp_path / "nld")
+  config = _tiny_run_config(tmp_path, tmp_path / "unused.jsonl", 2)  # overrides block_size
+  config.checkpoint = str(tmp_path / "nld")
+  with pytest.raises(ValueError, match="apply to presets and GGUF files"):
+    train(config, encode=encode, log=lambda _: None)
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("train_*.py")
                                         if p.name != "train_common.py"))
 def test_training_configs_are_consistent(name):

@@ -31,7 +31,7 @@ from flax import nnx
 from dllm_jax import sharding
 from dllm_jax.checkpoint import export_hf, hf_tensor_shapes
 from dllm_jax.config import ModelConfig, preset
-from dllm_jax.loader import load, resolve_dtype
+from dllm_jax.loader import inspect, load, resolve_dtype
 from dllm_jax.model import LoRAConfig, NLDModel
 from dllm_jax.tokenizer import TextTokenizer
 from dllm_jax.training.checkpointing import CheckpointStore
@@ -72,18 +72,19 @@ def build_model(config: ml_collections.ConfigDict) -> Source:
     if lora is not None:
       init_lora(model, jax.random.PRNGKey(seed + 1))
     return Source(model, None, None)
-  loaded = load(config.checkpoint, dtype=dtype, param_dtype=param_dtype, lora=bool(lora),
-                progress=True)
-  model = loaded.model
+  desc = inspect(config.checkpoint)
+  cfg = desc.config
   if overrides:
-    if loaded.kind != "gguf":
+    if desc.kind != "gguf":
       raise ValueError(f"model.overrides {sorted(overrides)} apply to presets and GGUF files, "
                        f"not to checkpoint={config.checkpoint!r} (edit its config.json)")
-    cfg = loaded.config.replace(**overrides)
-    if hf_tensor_shapes(cfg) != hf_tensor_shapes(loaded.config):
+    cfg = desc.config.replace(**overrides)
+    if hf_tensor_shapes(cfg) != hf_tensor_shapes(desc.config):
       raise ValueError(f"model.overrides {sorted(overrides)} change the weight shapes of "
-                       f"{loaded.path}")
-    model.cfg = cfg
+                       f"{desc.path}")
+  loaded = load(desc, dtype=dtype, param_dtype=param_dtype, lora=bool(lora), progress=True)
+  model = loaded.model
+  model.cfg = cfg  # the same architecture, possibly with a mask id and block size for diffusion
   if lora is not None and loaded.draft_lora is not None and loaded.draft_lora != lora:
     raise ValueError(f"model.lora_* ask for {lora}, but {config.checkpoint} ships an adapter "
                      f"{loaded.draft_lora}; make them agree")
