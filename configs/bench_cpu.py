@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model_order = ("nld-100m", "smollm2")
   c.models = ml_collections.ConfigDict()
   c.models["nld-100m"] = dict(source="random", base="nld-3b", overrides=NLD_100M)
+  # source: "random" (an NLD preset `base` with `overrides`), "smollm2" or a .gguf file.
   c.models["smollm2"] = dict(source="smollm2", base="", overrides={})  # SmolLM2-135M (GGUF)
 
   c.ar = dict(models=("nld-100m", "smollm2"), batch_sizes=(1,), max_new_tokens=128)
@@ -47,7 +48,4 @@ def roofline_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       presets=("nld-3b", "nld-8b"), overrides={}, dtype="bfloat16", batch_sizes=(1, 8),
       context=1024, block_length=32, repeats=20, copy_mib=2048, torch=True,
-      allow_cpu=False, forwards=("ar", "denoise", "commit"),
-      # "auto" (the engine's layout on this platform), "scan" and/or "unrolled" (per-layer
-      # weight buffers, dllm_jax.model.unstack_layers): rows for each.
-      layer_layouts=("auto",)))
+      allow_cpu=False, forwards=("ar", "denoise", "commit")))

@@ -12,12 +12,19 @@ def train_config(overrides: dict | None = None) -> config_dict.ConfigDict:
   """The full knob set; `overrides` maps dotted keys ("optim.peak_lr") to new values."""
   c = config_dict.ConfigDict()
   c.seed = 0
+  # The model to start from, named as in scripts/generate.py: an HF or converted NLD directory, a
+  # llama .gguf file or "smollm2" (the embedded default); empty: random init from `model.preset`.
+  c.checkpoint = ""
+  c.mesh_shape = ""  # device mesh "data,model"; empty: every device on the data axis
+  # Persistent compilation cache of scripts/train.py: "auto" (~/.cache/dllm_jax/jax), a
+  # directory, or "none".
+  c.compilation_cache_dir = "auto"
 
   c.model = config_dict.ConfigDict()
-  c.model.init_from = ""  # HF or converted NLD directory; empty: random init from `preset`
   c.model.preset = "tiny"
-  c.model.overrides = config_dict.ConfigDict()  # ModelConfig fields for presets (e.g. block_size)
-  c.model.dtype = "bfloat16"  # compute dtype
+  # ModelConfig fields for presets and GGUF files (e.g. block_size, mask_token_id)
+  c.model.overrides = config_dict.ConfigDict()
+  c.model.dtype = "bfloat16"  # compute dtype ("auto": float32 on CPU, bfloat16 on GPU)
   c.model.param_dtype = "float32"  # master weights
   c.model.lora_rank = 0  # > 0: build LoRA adapters (the NLD draft: o_proj, rank 128, alpha 512)
   c.model.lora_alpha = 512.0
@@ -65,12 +72,11 @@ def train_config(overrides: dict | None = None) -> config_dict.ConfigDict:
   # delta that every forward uses and the HF export merges into the weights.
   c.train.trainable = "full"
   c.train.log_every = 10
-  c.train.mesh = ""  # "data,model"; empty: every device on the data axis
 
-  c.checkpoint = config_dict.ConfigDict()
-  c.checkpoint.dir = ""  # orbax checkpoints + resume; empty: no checkpoints
-  c.checkpoint.save_every = 100
-  c.checkpoint.keep = 3
+  c.save = config_dict.ConfigDict()  # the run's own orbax checkpoints
+  c.save.dir = ""  # checkpoints + resume; empty: no checkpoints
+  c.save.every = 100
+  c.save.keep = 3
 
   c.export = config_dict.ConfigDict()
   c.export.peft_dir = ""  # write the trained adapter as adapter_config.json + safetensors
@@ -99,7 +105,7 @@ def smollm2_cpu_lora(paradigm: str) -> config_dict.ConfigDict:
   reached 2.21 there in 300 steps, because acceptance hinges on the first drafted positions and
   short blocks put four times as much of the loss there (docs/training.md)."""
   c = train_config({
-      "model.init_from": "smollm2", "model.param_dtype": "float32", "model.dtype": "float32",
+      "checkpoint": "smollm2", "model.param_dtype": "float32", "model.dtype": "float32",
       "model.lora_rank": 32, "model.lora_alpha": 64.0,
       "model.lora_targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
       "objective.paradigm": paradigm, "train.trainable": "lora",

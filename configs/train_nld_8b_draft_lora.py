@@ -4,7 +4,7 @@ Best trained on text the model itself generates (its own greedy answers), so tha
 what the verifier will accept.
 
 python scripts/train.py --config=configs/train_nld_8b_draft_lora.py \
-    --config.model.init_from=/path/to/Nemotron-Labs-Diffusion-8B --config.data.path=self_gen.jsonl \
+    --config.checkpoint=/path/to/Nemotron-Labs-Diffusion-8B --config.data.path=self_gen.jsonl \
     --config.export.peft_dir=/out/linear_spec_lora
 """
 

@@ -1,8 +1,8 @@
 """Full SFT of Nemotron-Labs-Diffusion-8B with the joint objective (NeMo-AutoModel-like, §6.3).
 
 python scripts/train.py --config=configs/train_nld_8b_sft.py \
-    --config.model.init_from=/path/to/Nemotron-Labs-Diffusion-8B --config.data.path=chat.jsonl \
-    --config.checkpoint.dir=/ckpt/sft --config.export.hf_dir=/out/nld-8b-sft
+    --config.checkpoint=/path/to/Nemotron-Labs-Diffusion-8B --config.data.path=chat.jsonl \
+    --config.save.dir=/ckpt/sft --config.export.hf_dir=/out/nld-8b-sft
 """
 
 import pathlib

@@ -369,7 +369,8 @@ class Pretrained:
   path: Path
 
 
-def _read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
+def read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
+  """The ModelConfig and raw dict of `model_dir`/config.json (CheckpointError naming the file)."""
   path = model_dir / "config.json"
   if not path.is_file():
     raise CheckpointError(f"{model_dir}: no config.json (expected an HF model directory or one "
@@ -407,7 +408,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
     raise CheckpointError(f"{path}: not a directory")
   if (path / CONVERTED_MARKER).is_file():
     return _load_converted(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, lora=lora)
-  cfg, _ = _read_config(path)
+  cfg, _ = read_config(path)
   infos = index_checkpoint(path)
   naming = detect_naming(infos)
   expected = expected_hf_keys(cfg, naming)
@@ -556,7 +557,7 @@ def _load_converted(path: Path, *, dtype, param_dtype, mesh, lora) -> Pretrained
     stored_lora = LoRAConfig(**marker["lora"]) if marker.get("lora") else None
   except (json.JSONDecodeError, KeyError, TypeError) as e:
     raise CheckpointError(f"{path / CONVERTED_MARKER}: corrupt ({e!r})") from None
-  cfg, _ = _read_config(path)
+  cfg, _ = read_config(path)
   lora_cfg = stored_lora if _want_lora(lora, stored_lora is not None, path) else None
   model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora_cfg)
   graphdef, lora_state, base_state = _split_params(model)

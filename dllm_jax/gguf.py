@@ -225,8 +225,9 @@ def load_gguf(path: str) -> GGUFCheckpoint:
 
 
 def model_from_gguf(ckpt: GGUFCheckpoint, *, cfg: ModelConfig | None = None, dtype=jnp.float32,
-                    mesh=None, progress: bool = False) -> NLDModel:
-  """An NLDModel with the GGUF weights; `cfg` may replace token-id fields of `ckpt.config`."""
+                    param_dtype=None, mesh=None, progress: bool = False) -> NLDModel:
+  """An NLDModel with the GGUF weights; `cfg` may replace token-id fields of `ckpt.config`.
+  param_dtype defaults to dtype."""
   cfg = ckpt.config if cfg is None else cfg
   keys = ckpt.keys()
   # disable=None: a bar only on a terminal.
@@ -238,4 +239,4 @@ def model_from_gguf(ckpt: GGUFCheckpoint, *, cfg: ModelConfig | None = None, dty
       bar.update()
       return x
 
-    return model_from_tensors(cfg, get, keys, dtype=dtype, mesh=mesh)
+    return model_from_tensors(cfg, get, keys, dtype=dtype, param_dtype=param_dtype, mesh=mesh)

@@ -42,10 +42,11 @@ from ml_collections import config_flags
 import numpy as np
 import torch
 
+from dllm_jax import loader
 from dllm_jax.atomic_files import write_text_atomic
 from dllm_jax.checkpoint import model_from_state_dict
 from dllm_jax.config import ModelConfig, preset
-from dllm_jax.decode import LAYER_LAYOUTS, generate
+from dllm_jax.decode import generate
 from dllm_jax.decode.common import bucket_length
 from dllm_jax.model import LoRAConfig, NLDModel, param_count
 
@@ -83,15 +84,16 @@ def model_config(name: str, spec: ml_collections.ConfigDict) -> ModelConfig:
 
 def load_models(name: str, spec: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                 dtype, torch_dtype, torch_device: str, need_lora: bool) -> Models:
-  if spec.source == "smollm2":
-    from dllm_jax import gguf  # pylint: disable=g-import-not-at-top
-    ckpt = gguf.load_gguf(gguf.embedded_default_path())
-    cfg, tensors = ckpt.config, ckpt.tensors()  # dequantized to fp32 once, shared by both sides
-  elif spec.source == "random":
+  if spec.source == "random":
     cfg = model_config(name, spec)
     tensors = bu.random_llama_tensors(cfg, config.seed)
   else:
-    raise ValueError(f"--config.models.{name}.source={spec.source!r}: expected random or smollm2")
+    desc = loader.inspect(spec.source)
+    if desc.gguf is None:
+      raise ValueError(f"--config.models.{name}.source={spec.source!r}: expected random, "
+                       f"{loader.EMBEDDED_NAME} or a .gguf file (tensors both frameworks load)")
+    # Dequantized to fp32 once and shared by both sides.
+    cfg, tensors = desc.config, desc.gguf.tensors()
   if config.attention_impl:
     cfg = cfg.replace(attention_impl=config.attention_impl)
   lora = None
@@ -294,13 +296,14 @@ def run_case(models: Models, mode: str, batch: int, threshold: float | None,
 
 
 def frameworks_dtype(config: ml_collections.ConfigDict):
-  """(jax dtype, torch dtype, torch device): fp32 on CPU (no fast bf16 matmul), bf16 on GPU."""
+  """(jax dtype, torch dtype, torch device) for config.dtype ("auto": see loader.resolve_dtype)."""
+  if config.dtype not in loader.DTYPE_NAMES:
+    raise ValueError(f"--config.dtype={config.dtype!r}: expected one of "
+                     f"{', '.join(loader.DTYPE_NAMES)}")
+  dtype = loader.resolve_dtype(config.dtype)
   on_gpu = jax.default_backend() == "gpu"
-  name = config.dtype if config.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-  if name not in ("float32", "bfloat16"):
-    raise ValueError(f"--config.dtype={config.dtype!r}: expected auto, float32 or bfloat16")
   device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
-  return jnp.dtype(name), getattr(torch, name), device
+  return dtype, getattr(torch, dtype.name), device
 
 
 # --- the hardware (roofline) section ------------------------------------------------------------------
@@ -315,10 +318,6 @@ def roofline_section(config: ml_collections.ConfigDict) -> dict[str, Any]:
            "install the [gpu] extra on a GPU machine)")
     print(f"[bench] {msg}", flush=True)
     return {"skipped": msg, "rows": []}
-  bad = [x for x in rc.layer_layouts if x not in LAYER_LAYOUTS]
-  if bad:
-    raise ValueError(f"--config.roofline.layer_layouts: {bad[0]!r} is not one of "
-                     f"{list(LAYER_LAYOUTS)}")
   dtype = jnp.dtype(rc.dtype)
   bandwidth = bu.copy_bandwidth(rc.copy_mib * 2**20, repeats=rc.repeats, dtype=dtype)
   print(f"[bench] device copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
@@ -333,19 +332,16 @@ def roofline_section(config: ml_collections.ConfigDict) -> dict[str, Any]:
               for b in rc.batch_sizes for kind in rc.forwards]
     model = NLDModel(cfg, dtype=dtype, rngs=nnx.Rngs(config.seed))  # the model's own random init
     by_key = {}
-    for layout in rc.layer_layouts:
-      unroll = LAYER_LAYOUTS[layout]
-      for batch, kind, tokens in shapes:
-        shape = bu.ForwardShape(batch, tokens, rc.context, rc.context + rc.block_length)
-        t = bu.median(bu.time_forward(model, kind, shape, warmup=2, repeats=rc.repeats,
-                                      unroll=unroll))
-        need = bu.bytes_per_forward(cfg, shape, dtype)
-        roof = (need["weight_bytes"] + need["kv_bytes"]) / bandwidth
-        row = dict(model=name, layers=layout, batch=batch, forward=kind, tokens=tokens,
-                   context=rc.context, ms=1e3 * t, roofline_ms=1e3 * roof, vs_roofline=t / roof,
-                   achieved_gb_s=(need["weight_bytes"] + need["kv_bytes"]) / t / 1e9, **need)
-        by_key.setdefault((batch, kind), row)  # torch is compared with the first layout
-        rows.append(row)
+    for batch, kind, tokens in shapes:
+      shape = bu.ForwardShape(batch, tokens, rc.context, rc.context + rc.block_length)
+      t = bu.median(bu.time_forward(model, kind, shape, warmup=2, repeats=rc.repeats))
+      need = bu.bytes_per_forward(cfg, shape, dtype)
+      roof = (need["weight_bytes"] + need["kv_bytes"]) / bandwidth
+      row = dict(model=name, batch=batch, forward=kind, tokens=tokens, context=rc.context,
+                 ms=1e3 * t, roofline_ms=1e3 * roof, vs_roofline=t / roof,
+                 achieved_gb_s=(need["weight_bytes"] + need["kv_bytes"]) / t / 1e9, **need)
+      by_key[(batch, kind)] = row
+      rows.append(row)
     mem = bu.peak_memory()
     del model
     gc.collect()
@@ -386,7 +382,7 @@ TABLE_COLUMNS = {
                             ("ms_draft", "ms/draft"), ("ms_verify", "ms/verify"),
                             ("torch_ms_verify", "torch ms/verify")] + _COMMON_RIGHT,
 }
-ROOFLINE_COLUMNS = [("model", "model"), ("layers", "layers"), ("batch", "batch"), ("forward", "forward"),
+ROOFLINE_COLUMNS = [("model", "model"), ("batch", "batch"), ("forward", "forward"),
                     ("tokens", "tokens"), ("context", "context"), ("ms", "ms"),
                     ("roofline_ms", "roofline ms"), ("vs_roofline", "× roofline"),
                     ("achieved_gb_s", "GB/s"), ("torch_ms", "torch ms"),

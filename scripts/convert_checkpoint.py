@@ -1,7 +1,7 @@
 """Converts an HF NLD (or Llama-family) directory into an orbax directory that loads onto any mesh.
 
   python scripts/convert_checkpoint.py --hf=Nemotron-Labs-Diffusion-8B --out=nld-8b-orbax
-  python -c "from dllm_jax.checkpoint import load_pretrained; load_pretrained('nld-8b-orbax')"
+  python -c "import dllm_jax; dllm_jax.load('nld-8b-orbax')"
 
 Tensors stream one at a time from the safetensors files (progress bar per tensor) into the params,
 which orbax then writes. The output appears only when complete; bad input exits with code 2 and a

@@ -5,6 +5,9 @@ draft LoRA; block diffusion at the given confidence thresholds.
 python scripts/eval_modes.py --checkpoint=/tmp/smollm2-drafter --prompts=prompts.jsonl \
     --max_new_tokens=64 --limit=32 --diffusion_thresholds=0.9,0.7
 
+--checkpoint takes what scripts/generate.py does: an HF or converted directory, a .gguf file or
+"smollm2" (an AR model without a mask token needs --mask_token_id to draft).
+
 prompts.jsonl holds {"messages": [...]} (rendered with the checkpoint's chat template) or
 {"text": ...} lines. Greedy decoding; each configuration runs the same prompts in batches.
 Tokens per forward counts the prefill as the reference does for speculation (spec §5.3); the
@@ -25,14 +28,22 @@ import time
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--checkpoint", required=True, help="HF-layout or converted NLD directory")
+  p.add_argument("--checkpoint", required=True,
+                 help="HF or converted NLD directory, a .gguf file, or 'smollm2'")
   p.add_argument("--prompts", required=True, help="jsonl of {'messages': ...} or {'text': ...}")
   p.add_argument("--max_new_tokens", type=int, default=64)
   p.add_argument("--block_length", type=int, default=0,
                  help="diffusion block / draft length; 0: the checkpoint's block_size")
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--limit", type=int, default=0, help="use the first N prompts (0: all)")
-  p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+  p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                 help="auto: float32 on CPU, bfloat16 on GPU")
+  p.add_argument("--mask_token_id", type=int, default=None,
+                 help="drafting mask id for a checkpoint without one (its greedy output stays "
+                      "exact in spec mode; no diffusion rows)")
+  p.add_argument("--compilation_cache_dir", default="auto",
+                 help="persistent compilation cache: auto (~/.cache/dllm_jax/jax), a directory, "
+                      "or none")
   p.add_argument("--diffusion_thresholds", default="",
                  help="comma-separated confidence thresholds for block-diffusion rows (empty: none)")
   args = p.parse_args(argv)
@@ -46,45 +57,64 @@ def main(argv=None) -> int:
     print(f"--diffusion_thresholds={args.diffusion_thresholds!r}: each must lie in [0, 1]",
           file=sys.stderr)
     return 2
-  for name in ("checkpoint", "prompts"):
-    if not os.path.exists(getattr(args, name)):
-      print(f"--{name}: {getattr(args, name)} not found", file=sys.stderr)
-      return 2
+  if not os.path.exists(args.prompts):
+    print(f"--prompts: {args.prompts} not found", file=sys.stderr)
+    return 2
   if args.max_new_tokens < 1 or args.block_length == 1 or args.block_length < 0 or \
       args.batch_size < 1:
     print("--max_new_tokens >= 1, --block_length >= 2 (or 0) and --batch_size >= 1 are required",
           file=sys.stderr)
     return 2
 
-  import jax  # pylint: disable=g-import-not-at-top  (argument errors answer without loading JAX)
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dllm_jax.checkpoint import CheckpointError, load_pretrained  # pylint: disable=g-import-not-at-top
+  # Argument errors answer without loading JAX.
+  from dllm_jax import loader  # pylint: disable=g-import-not-at-top
+  from dllm_jax.compile_cache import enable_compilation_cache  # pylint: disable=g-import-not-at-top
   from dllm_jax.decode import generate  # pylint: disable=g-import-not-at-top
-  from dllm_jax.tokenizer import TextTokenizer  # pylint: disable=g-import-not-at-top
   from dllm_jax.training.data import read_jsonl  # pylint: disable=g-import-not-at-top
 
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(
-      args.dtype, jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
   try:
-    pre = load_pretrained(args.checkpoint, dtype=dtype)
+    desc = loader.inspect(args.checkpoint)
+  except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+    print(f"--checkpoint: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  if desc.tokenizer is None:
+    print(f"--checkpoint: {desc.path} has no tokenizer (tokenizer.json not found)",
+          file=sys.stderr)
+    return 2
+  try:
     prompts = read_jsonl(args.prompts)
-    tok = TextTokenizer.from_dir(str(pre.tokenizer_dir or args.checkpoint),
-                                 bos_token_id=pre.config.bos_token_id,
-                                 eos_token_id=pre.config.eos_token_id)
     prompts = prompts[:args.limit] if args.limit else prompts
-    ids = [tok.encode_prompt(x) for x in prompts]
-  except (CheckpointError, ValueError, OSError) as e:
+    ids = [desc.tokenizer.encode_prompt(x) for x in prompts]
+  except (ValueError, OSError) as e:
     print(str(e).splitlines()[0], file=sys.stderr)
     return 2
-  block = args.block_length or pre.config.block_size
-  if pre.config.mask_token_id is None:
-    print(f"--checkpoint={args.checkpoint}: the model has no mask token (an autoregressive "
-          f"model cannot draft or diffuse)", file=sys.stderr)
-    return 2
+  cfg = desc.config
+  if cfg.mask_token_id is None:
+    if args.mask_token_id is None:
+      print(f"--checkpoint={args.checkpoint}: the model has no mask token (an autoregressive "
+            f"model drafts only with --mask_token_id, and cannot diffuse)", file=sys.stderr)
+      return 2
+    if thresholds:
+      print("--diffusion_thresholds: the model has no mask token of its own to diffuse with",
+            file=sys.stderr)
+      return 2
+    if not 0 <= args.mask_token_id < cfg.vocab_size:
+      print(f"--mask_token_id={args.mask_token_id}: outside the vocabulary [0, {cfg.vocab_size})",
+            file=sys.stderr)
+      return 2
+    cfg = cfg.replace(mask_token_id=args.mask_token_id)
+  block = args.block_length or cfg.block_size
   if thresholds and args.max_new_tokens % block:
     print(f"--max_new_tokens={args.max_new_tokens} is not a multiple of the block length {block} "
           f"(diffusion decodes whole blocks)", file=sys.stderr)
     return 2
+  try:
+    enable_compilation_cache(args.compilation_cache_dir)
+    pre = loader.load(desc, dtype=args.dtype)
+  except (ValueError, OSError) as e:
+    print(str(e).splitlines()[0], file=sys.stderr)
+    return 2
+  pre.model.cfg = cfg
 
   def run(mode: str, name: str, **kw):
     start_time = time.perf_counter()
@@ -135,7 +165,7 @@ def _configs(pre, thresholds):
   """(row name, mode, generate kwargs) per measured configuration."""
   configs = [("spec, drafting with the model's weights", "spec",
               dict(draft_lora=False, threshold=0.0))]
-  if pre.lora is not None:
+  if pre.draft_lora is not None:
     configs.append(("spec, draft LoRA", "spec", dict(draft_lora=True, threshold=0.0)))
   return configs + [(f"diffusion, threshold {t:g}", "diffusion", dict(threshold=t))
                     for t in thresholds]

@@ -1,25 +1,31 @@
 r"""Generate text with an NLD checkpoint, or offline with the embedded SmolLM2-135M-Instruct default.
 
   python scripts/generate.py                                   # embedded default, AR, offline
-  python scripts/generate.py --config=configs/nld_8b.py \
-      --config.checkpoint=/path/to/Nemotron-Labs-Diffusion-8B --config.mode=spec \
-      --config.prompt="What is 84 * 3 / 2?"
+  python scripts/generate.py --config=configs/nld.py \
+      --config.checkpoint=/path/to/Nemotron-Labs-Diffusion-8B --config.prompt="What is 84 * 3 / 2?"
   python scripts/generate.py --config.interactive=True         # multi-turn chat
+  python scripts/generate.py --config.prompts_file=prompts.jsonl --config.output_jsonl=out.jsonl
 
 Text is streamed to stdout as tokens are committed (per AR token, diffusion block or accepted
-speculative run); progress bars and one stats line go to stderr. Bad input exits with code 2 and a
-one-line message naming the flag or file at fault. See docs/cli.md for every knob.
+speculative run); progress bars and one stats line go to stderr. A prompts file is generated in
+batches and written as JSON lines. Compiled programs are cached on disk, so a second run starts
+faster. Bad input exits with code 2 and a one-line message naming the flag, file or line at fault.
+See docs/cli.md.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import io
 import json
 import os
 import re
+import shlex
 import sys
 import threading
 import time
+import tokenize
 from typing import TYPE_CHECKING, Any
 
 from absl import flags
@@ -28,21 +34,48 @@ from ml_collections import config_dict, config_flags
 if TYPE_CHECKING:  # dllm_jax (and JAX) are imported once the flags are valid: usage errors are fast
   from dllm_jax.config import ModelConfig
   from dllm_jax.decode import GenerateResult
-  from dllm_jax.gguf import GGUFCheckpoint
+  from dllm_jax.loader import Description, Loaded
   from dllm_jax.model import NLDModel
   from dllm_jax.tokenizer import TextTokenizer
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
-                              "default.py")
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+DEFAULT_CONFIG = os.path.join(CONFIGS, "default.py")
+KNOBS_FILE = os.path.join(CONFIGS, "common.py")  # every knob, with its description as a comment
 MODES = ("ar", "diffusion", "spec")
+# dllm_jax.loader.DTYPE_NAMES and dllm_jax.config.ATTENTION_IMPLS, checked before the heavy imports.
 DTYPES = ("auto", "float32", "bfloat16")
-# The keys of dllm_jax.decode.LAYER_LAYOUTS (checked before the heavy imports).
-LAYER_LAYOUT_NAMES = ("auto", "scan", "unrolled")
+ATTENTION_IMPLS = ("xla", "pallas", "triton", "cudnn", "auto")
+HELP_FLAGS = ("--help", "-h")
+# What a line of a .jsonl prompts file may set, and the JSON types it takes (None: null).
+PROMPT_FIELDS = {
+    "prompt": (str,), "system": (str,), "mode": (str,), "max_new_tokens": (int,),
+    "block_length": (int, None), "temperature": (float,), "seed": (int,),
+    "diffusion_threshold": (float,), "spec_threshold": (float,),
+    "max_thinking_tokens": (int, None), "enable_thinking": (bool,),
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               None: "null"}
 EXIT_USAGE = 2
 
 
 class UsageError(Exception):
   """Bad input: reported as one line on stderr, exit code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+  """Where settings came from, for error messages: the command line or a prompts-file line."""
+  location: str = ""  # "" or "FILE:LINE: "
+  key_prefix: str = "--config."
+
+  def key(self, name: str) -> str:
+    return f"{self.key_prefix}{name}"
+
+  def error(self, message: str) -> UsageError:
+    return UsageError(f"{self.location}{message}")
+
+
+FLAGS = Origin()
 
 
 # --- configuration --------------------------------------------------------------------------------
@@ -86,179 +119,191 @@ def _first_line(e: BaseException) -> str:
   return " ".join(lines[:4]) if lines else type(e).__name__
 
 
-def check_knobs(c: config_dict.ConfigDict) -> None:
-  """Checks every knob that does not need the checkpoint."""
+def knob_descriptions(path: str = KNOBS_FILE) -> dict[str, str]:
+  """key -> description: the comment on a knob's `c.<key> = ...` line in configs/common.py, else
+  the comment lines right above it."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  comments: dict[int, str] = {}
+  code_lines: set[int] = set()
+  for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+    if tok.type == tokenize.COMMENT:
+      comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                          tokenize.ENDMARKER):
+      code_lines.add(tok.start[0])
+  out = {}
+  for number, line in enumerate(text.splitlines(), 1):
+    m = re.match(r"\s*c\.(\w+)\s*=", line)
+    if not m:
+      continue
+    if number in comments:
+      out[m.group(1)] = comments[number]
+      continue
+    above = []
+    n = number - 1
+    while n in comments and n not in code_lines:
+      above.insert(0, comments[n])
+      n -= 1
+    out[m.group(1)] = " ".join(above)
+  return out
+
+
+def help_text(argv: list[str]) -> str:
+  """The module docstring and every knob with its default (from the config file in use)."""
+  c = parse_config(argv)
+  config_file = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")),
+                     "configs/default.py")
+  notes = knob_descriptions()
+  lines = [__doc__.strip(), "",
+           f"Knobs (set with --config.<key>=<value>; defaults as {config_file} sets them):", ""]
+  for key in notes:  # in the order of configs/common.py
+    value = c[key]
+    shown = shlex.quote(value) if isinstance(value, str) else str(value)
+    lines += [f"  --config.{key}={shown}", f"      {notes.get(key, '')}"]
+  return "\n".join(lines)
+
+
+def check_decoding(c: config_dict.ConfigDict, at: Origin) -> None:
+  """The knobs a prompts-file line may also set; no checkpoint needed."""
   if c.mode not in MODES:
-    raise UsageError(f"--config.mode={c.mode!r}: expected one of {', '.join(MODES)}")
-  if c.dtype not in DTYPES:
-    raise UsageError(f"--config.dtype={c.dtype!r}: expected one of {', '.join(DTYPES)}")
-  if c.layer_layout not in LAYER_LAYOUT_NAMES:
-    raise UsageError(f"--config.layer_layout={c.layer_layout!r}: expected one of "
-                     f"{', '.join(LAYER_LAYOUT_NAMES)}")
+    raise at.error(f"{at.key('mode')}={c.mode!r}: expected one of {', '.join(MODES)}")
   if c.max_new_tokens < 1:
-    raise UsageError(f"--config.max_new_tokens={c.max_new_tokens}: must be >= 1")
+    raise at.error(f"{at.key('max_new_tokens')}={c.max_new_tokens}: must be >= 1")
   if c.block_length is not None:
-    check_block_length(c)
+    check_block_length(c, at)
   if c.temperature < 0:
-    raise UsageError(f"--config.temperature={c.temperature}: must be >= 0")
-  if c.max_seq_len < 0:
-    raise UsageError(f"--config.max_seq_len={c.max_seq_len}: must be >= 0 (0: model maximum)")
+    raise at.error(f"{at.key('temperature')}={c.temperature}: must be >= 0")
   if c.max_thinking_tokens is not None and c.max_thinking_tokens < 0:
-    raise UsageError(f"--config.max_thinking_tokens={c.max_thinking_tokens}: must be >= 0")
-  if c.output_json and c.interactive:
-    raise UsageError("--config.output_json cannot be combined with --config.interactive")
-  if c.output_json and c.output_json != "-":
-    parent = os.path.dirname(os.path.abspath(c.output_json))
-    if not os.path.isdir(parent):
-      raise UsageError(f"--config.output_json={c.output_json}: directory {parent} does not exist")
-  if not c.interactive and not c.prompt:
-    raise UsageError("--config.prompt is empty")
+    raise at.error(f"{at.key('max_thinking_tokens')}={c.max_thinking_tokens}: must be >= 0")
 
 
-# --- checkpoint -----------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Source:
-  """A checkpoint resolved and checked, weights not yet read."""
-  kind: str  # "gguf" or "dir"
-  path: str
-  cfg: ModelConfig  # as stored in the checkpoint
-  tokenizer: TextTokenizer
-  gguf: GGUFCheckpoint | None = None  # for kind == "gguf"
-
-
-def resolve_source(c: config_dict.ConfigDict) -> Source:
-  """Finds the checkpoint and reads its config and tokenizer (cheap; no weights yet)."""
-  from dllm_jax import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
-  from dllm_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  from dllm_jax.tokenizer import TextTokenizer  # pylint: disable=g-import-not-at-top
-  if not c.checkpoint:
-    raise UsageError("--config.checkpoint is not set (a model directory, a .gguf file, or "
-                     f"'{gguf_lib.EMBEDDED_NAME}' for the embedded default)")
-  path = c.checkpoint
-  if path == gguf_lib.EMBEDDED_NAME:
-    try:
-      path = gguf_lib.embedded_default_path()
-    except FileNotFoundError as e:
-      raise UsageError(str(e)) from None
-  if path.endswith(".gguf"):
-    if not os.path.isfile(path):
-      raise UsageError(f"--config.checkpoint: GGUF file {path} not found")
-    try:
-      with ElapsedBar(f"reading {os.path.basename(path)}"):
-        ckpt = gguf_lib.load_gguf(path)
-    except ValueError as e:
-      raise UsageError(str(e)) from None
-    return Source("gguf", path, ckpt.config, ckpt.tokenizer, ckpt)
-  if not os.path.isdir(path):
-    raise UsageError(f"--config.checkpoint: checkpoint directory {path} not found")
-  config_path = os.path.join(path, "config.json")
-  if not os.path.isfile(config_path):
-    raise UsageError(f"--config.checkpoint: {config_path} not found")
-  try:
-    with open(config_path, encoding="utf-8") as f:
-      cfg = ModelConfig.from_hf_config(json.load(f))
-  except (json.JSONDecodeError, ValueError, TypeError) as e:
-    raise UsageError(f"{config_path}: {_first_line(e)}") from None
-  try:
-    tok = TextTokenizer.from_dir(path, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
-  except (FileNotFoundError, ValueError) as e:
-    raise UsageError(f"missing or bad tokenizer: {e}") from None
-  return Source("dir", path, cfg, tok)
-
-
-def serving_config(c: config_dict.ConfigDict, src: Source) -> ModelConfig:
-  """The ModelConfig decoding runs with; refuses modes the checkpoint cannot serve. An unset
-  --config.block_length becomes the checkpoint's block_size here."""
-  cfg = src.cfg
-  if c.mode == "diffusion" and cfg.mask_token_id is None:
-    raise UsageError(f"--config.mode=diffusion: checkpoint {src.path} has no mask token "
-                     "(an autoregressive model); use mode=ar or mode=spec")
-  if c.mode == "spec" and cfg.mask_token_id is None:
-    if c.mask_token_id is None:
-      raise UsageError(f"--config.mode=spec: checkpoint {src.path} has no mask token; set "
-                       "--config.mask_token_id to an id the model never produces, or use mode=ar")
-    if not 0 <= c.mask_token_id < cfg.vocab_size:
-      raise UsageError(f"--config.mask_token_id={c.mask_token_id}: outside the vocabulary "
-                       f"[0, {cfg.vocab_size})")
-    # Drafts from an AR model are poor, but the causal verify keeps greedy output exact.
-    cfg = cfg.replace(mask_token_id=c.mask_token_id)
-  if c.block_length is None:  # the block the checkpoint was trained with
-    c.block_length = cfg.block_size
-    check_block_length(c)
-  if c.chat and not src.tokenizer.chat_template:
-    raise UsageError(f"--config.chat=True but {src.path} has no chat template; "
-                     "use --config.chat=False for raw text")
-  return cfg
-
-
-def end_think_id(c: config_dict.ConfigDict, src: Source) -> int | None:
-  if c.max_thinking_tokens is None:
-    return None
-  tid = src.tokenizer.end_think_token_id()
-  if tid is None:
-    raise UsageError("--config.max_thinking_tokens needs a '</think>' token, which the "
-                     f"tokenizer of {src.path} does not have")
-  return tid
-
-
-def check_block_length(c: config_dict.ConfigDict) -> None:
+def check_block_length(c: config_dict.ConfigDict, at: Origin) -> None:
   if c.mode != "ar":
     min_block = 2 if c.mode == "spec" else 1  # spec: a seed plus at least one drafted position
     if c.block_length < min_block:
-      raise UsageError(f"--config.block_length={c.block_length}: must be >= {min_block} in "
-                       f"{c.mode} mode")
+      raise at.error(f"{at.key('block_length')}={c.block_length}: must be >= {min_block} in "
+                     f"{c.mode} mode")
   if c.mode == "diffusion" and c.max_new_tokens % c.block_length:
-    raise UsageError(f"--config.max_new_tokens={c.max_new_tokens} is not a multiple of "
-                     f"--config.block_length={c.block_length} (diffusion decodes whole blocks)")
+    raise at.error(f"{at.key('max_new_tokens')}={c.max_new_tokens} is not a multiple of "
+                   f"{at.key('block_length')}={c.block_length} (diffusion decodes whole blocks)")
 
 
-def check_length(c: config_dict.ConfigDict, cfg: ModelConfig, prompt_len: int) -> None:
-  """Prompt + new tokens (+ one block of overshoot) must fit the cache and the model's positions."""
-  limit = c.max_seq_len or cfg.max_position_embeddings
-  if limit > cfg.max_position_embeddings:
-    raise UsageError(f"--config.max_seq_len={c.max_seq_len} exceeds the model's "
-                     f"max_position_embeddings={cfg.max_position_embeddings}")
-  block = 1 if c.mode == "ar" else c.block_length
-  need = prompt_len + c.max_new_tokens + block
-  if need > limit:
-    raise UsageError(f"prompt of {prompt_len} tokens + max_new_tokens={c.max_new_tokens} + "
-                     f"{'one token' if c.mode == 'ar' else f'block_length={block}'} = {need} "
-                     f"exceeds the cache length {limit} (--config.max_seq_len)")
+def _check_output_dir(key: str, path: str) -> None:
+  if path and path != "-":
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+      raise UsageError(f"--config.{key}={path}: directory {parent} does not exist")
 
 
-def load_model(c: config_dict.ConfigDict, src: Source, cfg: ModelConfig, mesh
-               ) -> tuple[NLDModel, bool]:
-  """Reads the weights (with a progress bar) into an NLDModel; returns (model, has draft LoRA)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dllm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from dllm_jax import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
-  name = c.dtype if c.dtype != "auto" else (
-      "float32" if jax.default_backend() == "cpu" else "bfloat16")
-  dtype = jnp.dtype(name)
-  if src.kind == "gguf":
-    return gguf_lib.model_from_gguf(src.gguf, cfg=cfg, dtype=dtype, mesh=mesh, progress=True), False
+def check_knobs(c: config_dict.ConfigDict) -> None:
+  """Checks every knob that does not need the checkpoint."""
+  check_decoding(c, FLAGS)
+  if c.dtype not in DTYPES:
+    raise UsageError(f"--config.dtype={c.dtype!r}: expected one of {', '.join(DTYPES)}")
+  if c.attention_impl not in ATTENTION_IMPLS:
+    raise UsageError(f"--config.attention_impl={c.attention_impl!r}: expected one of "
+                     f"{', '.join(ATTENTION_IMPLS)}")
+  if c.max_seq_len < 0:
+    raise UsageError(f"--config.max_seq_len={c.max_seq_len}: must be >= 0 (0: model maximum)")
+  if c.batch_size < 1:
+    raise UsageError(f"--config.batch_size={c.batch_size}: must be >= 1")
+  if c.output_json and c.interactive:
+    raise UsageError("--config.output_json cannot be combined with --config.interactive")
+  if c.prompts_file:
+    if c.interactive:
+      raise UsageError("--config.prompts_file cannot be combined with --config.interactive")
+    if c.output_json:
+      raise UsageError("--config.output_json writes one record; with --config.prompts_file use "
+                       "--config.output_jsonl")
+    if not c.output_jsonl:
+      raise UsageError("--config.prompts_file needs --config.output_jsonl (a path, or - for "
+                       "stdout)")
+  elif c.output_jsonl:
+    raise UsageError("--config.output_jsonl is the output of a batch run: set "
+                     "--config.prompts_file too (or use --config.output_json)")
+  _check_output_dir("output_json", c.output_json)
+  _check_output_dir("output_jsonl", c.output_jsonl)
+  if not c.interactive and not c.prompts_file and not c.prompt:
+    raise UsageError("--config.prompt is empty")
+
+
+# --- prompts --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Job:
+  """One prompt: the config with a prompts-file line's settings applied, and its token ids."""
+  config: config_dict.ConfigDict
+  at: Origin
+  ids: list[int] = dataclasses.field(default_factory=list)
+
+
+def _json_type_ok(value: Any, types: tuple) -> bool:
+  if value is None:
+    return None in types
+  if isinstance(value, bool):
+    return bool in types
+  if isinstance(value, int):
+    return int in types or float in types
+  if isinstance(value, float):
+    return float in types
+  return isinstance(value, str) and str in types
+
+
+def _prompt_line(path: str, number: int, line: str, jsonl: bool) -> dict[str, Any]:
+  """The settings of one non-blank line of a prompts file (UsageError naming file and line)."""
+  where = f"{path}:{number}"
+  if not jsonl:
+    return {"prompt": line.strip()}
   try:
-    pre = ckpt_lib.load_pretrained(src.path, dtype=dtype, mesh=mesh,
-                                   lora=bool(c.lora) and c.mode == "spec", progress=True)
-  except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
-    raise UsageError(_first_line(e)) from None
-  pre.model.cfg = cfg  # the serving config (same architecture, possibly a drafting mask id)
-  return pre.model, pre.lora is not None
+    entry = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise UsageError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+  if not isinstance(entry, dict):
+    raise UsageError(f'{where}: expected a JSON object such as {{"prompt": "..."}}')
+  for key, value in entry.items():
+    if key not in PROMPT_FIELDS:
+      raise UsageError(f"{where}: unknown key {key!r} (known: {', '.join(PROMPT_FIELDS)})")
+    if not _json_type_ok(value, PROMPT_FIELDS[key]):
+      expected = " or ".join(_TYPE_NAMES[t] for t in PROMPT_FIELDS[key])
+      raise UsageError(f"{where}: {key!r} must be {expected}, got {json.dumps(value)}")
+  if "prompt" not in entry:
+    raise UsageError(f'{where}: no "prompt"')
+  return entry
 
 
-def make_mesh(c: config_dict.ConfigDict):  # -> jax.sharding.Mesh | None
-  if not c.mesh_shape:
-    return None
-  from dllm_jax import sharding  # pylint: disable=g-import-not-at-top
+def read_prompts_file(c: config_dict.ConfigDict) -> list[Job]:
+  """Every prompt of --config.prompts_file with its settings, all checked (no checkpoint needed).
+
+  A `.jsonl` file holds one JSON object per line ({"prompt": ..., optional PROMPT_FIELDS}); any
+  other file one plain-text prompt per line. Blank lines are skipped.
+  """
+  path = c.prompts_file
+  if not os.path.isfile(path):
+    raise UsageError(f"--config.prompts_file: {path} not found")
+  jsonl = path.endswith(".jsonl")
+  jobs = []
   try:
-    return sharding.make_mesh(c.mesh_shape)
-  except ValueError as e:
-    raise UsageError(f"--config.mesh_shape={c.mesh_shape!r}: {e}") from None
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+  except UnicodeDecodeError as e:
+    raise UsageError(f"--config.prompts_file: {path} is not UTF-8 text ({e.reason})") from None
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    entry = _prompt_line(path, number, line, jsonl)
+    at = Origin(f"{path}:{number}: ", key_prefix="")
+    if not entry["prompt"].strip():
+      raise at.error("empty prompt")
+    job_config = copy.deepcopy(c)
+    for key, value in entry.items():
+      job_config[key] = value  # ConfigDict turns an int into a float where the knob is a float
+    check_decoding(job_config, at)
+    jobs.append(Job(job_config, at))
+  if not jobs:
+    raise UsageError(f"--config.prompts_file: {path} holds no prompts")
+  return jobs
 
-
-# --- prompting and output -------------------------------------------------------------------------
 
 def prompt_ids(c: config_dict.ConfigDict, tok: TextTokenizer, messages: list[dict[str, str]]
                ) -> list[int]:
@@ -272,15 +317,112 @@ def first_messages(c: config_dict.ConfigDict) -> list[dict[str, str]]:
   return [{"role": "system", "content": c.system}] if c.system else []
 
 
+# --- checkpoint -----------------------------------------------------------------------------------
+
+def describe(c: config_dict.ConfigDict) -> Description:
+  """Finds the checkpoint and reads its config and tokenizer (cheap; no weights yet)."""
+  from dllm_jax import loader  # pylint: disable=g-import-not-at-top
+  if not c.checkpoint:
+    raise UsageError("--config.checkpoint is not set (a model directory, a .gguf file, or "
+                     f"'{loader.EMBEDDED_NAME}' for the embedded default)")
+  try:
+    with ElapsedBar(f"reading {os.path.basename(c.checkpoint)}"):
+      desc = loader.inspect(c.checkpoint)
+  except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+    raise UsageError(f"--config.checkpoint: {_first_line(e)}") from None
+  if desc.tokenizer is None:
+    raise UsageError(f"--config.checkpoint: {desc.path} has no tokenizer (tokenizer.json not "
+                     "found)")
+  return desc
+
+
+def serving_config(c: config_dict.ConfigDict, desc: Description, modes: set[str]) -> ModelConfig:
+  """The ModelConfig decoding runs with; refuses modes the checkpoint cannot serve."""
+  cfg = desc.config.replace(attention_impl=c.attention_impl)
+  if "spec" in modes and cfg.mask_token_id is None:
+    if c.mask_token_id is None:
+      raise UsageError(f"--config.mode=spec: checkpoint {desc.path} has no mask token; set "
+                       "--config.mask_token_id to an id the model never produces, or use mode=ar")
+    if not 0 <= c.mask_token_id < cfg.vocab_size:
+      raise UsageError(f"--config.mask_token_id={c.mask_token_id}: outside the vocabulary "
+                       f"[0, {cfg.vocab_size})")
+    # Drafts from an AR model are poor, but the causal verify keeps greedy output exact.
+    cfg = cfg.replace(mask_token_id=c.mask_token_id)
+  if c.chat and not desc.tokenizer.chat_template:
+    raise UsageError(f"--config.chat=True but {desc.path} has no chat template; "
+                     "use --config.chat=False for raw text")
+  return cfg
+
+
+def check_servable(c: config_dict.ConfigDict, at: Origin, desc: Description) -> None:
+  """One prompt's settings against the checkpoint; an unset block_length becomes its block_size."""
+  if c.mode == "diffusion" and desc.config.mask_token_id is None:
+    raise at.error(f"{at.key('mode')}=diffusion: checkpoint {desc.path} has no mask token "
+                   "(an autoregressive model); use mode=ar or mode=spec")
+  if c.block_length is None:  # the block the checkpoint was trained with
+    c.block_length = desc.config.block_size
+    check_block_length(c, at)
+  if c.max_thinking_tokens is not None and desc.tokenizer.end_think_token_id() is None:
+    raise at.error(f"{at.key('max_thinking_tokens')} needs a '</think>' token, which the "
+                   f"tokenizer of {desc.path} does not have")
+
+
+def check_length(c: config_dict.ConfigDict, cfg: ModelConfig, prompt_len: int, at: Origin) -> None:
+  """Prompt + new tokens (+ one block of overshoot) must fit the cache and the model's positions."""
+  limit = c.max_seq_len or cfg.max_position_embeddings
+  if limit > cfg.max_position_embeddings:
+    raise UsageError(f"--config.max_seq_len={c.max_seq_len} exceeds the model's "
+                     f"max_position_embeddings={cfg.max_position_embeddings}")
+  block = 1 if c.mode == "ar" else c.block_length
+  need = prompt_len + c.max_new_tokens + block
+  if need > limit:
+    raise at.error(f"prompt of {prompt_len} tokens + max_new_tokens={c.max_new_tokens} + "
+                   f"{'one token' if c.mode == 'ar' else f'block_length={block}'} = {need} "
+                   f"exceeds the cache length {limit} (--config.max_seq_len)")
+
+
+def make_mesh(c: config_dict.ConfigDict):  # -> jax.sharding.Mesh | None
+  if not c.mesh_shape:
+    return None
+  from dllm_jax import sharding  # pylint: disable=g-import-not-at-top
+  try:
+    return sharding.make_mesh(c.mesh_shape)
+  except ValueError as e:
+    raise UsageError(f"--config.mesh_shape={c.mesh_shape!r}: {e}") from None
+
+
+def enable_cache(c: config_dict.ConfigDict) -> None:
+  from dllm_jax.compile_cache import enable_compilation_cache  # pylint: disable=g-import-not-at-top
+  try:
+    enable_compilation_cache(c.compilation_cache_dir)
+  except OSError as e:
+    raise UsageError(f"--config.compilation_cache_dir={c.compilation_cache_dir!r}: "
+                     f"{_first_line(e)}") from None
+
+
+def load_weights(c: config_dict.ConfigDict, desc: Description, modes: set[str], mesh) -> Loaded:
+  """Reads the weights with a progress bar; the draft LoRA only when a prompt uses spec mode."""
+  from dllm_jax import loader  # pylint: disable=g-import-not-at-top
+  try:
+    return loader.load(desc, dtype=c.dtype, mesh=mesh, lora=bool(c.lora) and "spec" in modes,
+                       attention_impl=c.attention_impl, progress=True)
+  except (OSError, ValueError) as e:
+    raise UsageError(_first_line(e)) from None
+
+
+# --- generation and output ------------------------------------------------------------------------
+
 @dataclasses.dataclass
 class Session:
   """Everything a generation call needs once the weights are loaded."""
   config: config_dict.ConfigDict
-  src: Source
-  model: NLDModel
-  draft_lora: bool  # the model carries the draft LoRA
-  think_id: int | None  # </think> id when a thinking budget is set
+  loaded: Loaded
+  model: NLDModel  # the loaded model, running the serving config
   mesh: Any  # jax.sharding.Mesh | None
+
+  @property
+  def tokenizer(self) -> TextTokenizer:
+    return self.loaded.tokenizer
 
 
 class ElapsedBar:
@@ -314,13 +456,28 @@ class ElapsedBar:
     self.stop()
 
 
-def generate_once(s: Session, ids: list[int], stream: bool) -> tuple[GenerateResult, str]:
-  """Runs one generation, streaming text to stdout when `stream`; returns (result, text)."""
-  from dllm_jax.decode import LAYER_LAYOUTS, generate  # pylint: disable=g-import-not-at-top
-  from dllm_jax.tokenizer import StreamDecoder  # pylint: disable=g-import-not-at-top
-  c, tok = s.config, s.src.tokenizer
-  decoder = StreamDecoder(tok)
+def run_generate(s: Session, c: config_dict.ConfigDict, prompts: list[list[int]],
+                 on_tokens=None) -> GenerateResult:
+  """One `generate` call with the decoding settings of `c`."""
+  from dllm_jax.decode import generate  # pylint: disable=g-import-not-at-top
   threshold = {"diffusion": c.diffusion_threshold, "spec": c.spec_threshold}.get(c.mode, 0.0)
+  try:
+    return generate(
+        s.model, prompts, mode=c.mode, max_new_tokens=c.max_new_tokens,
+        block_length=c.block_length, threshold=threshold, temperature=c.temperature,
+        seed=c.seed, max_thinking_tokens=c.max_thinking_tokens,
+        end_think_token_id=s.tokenizer.end_think_token_id(), causal_context=c.causal_context,
+        draft_lora=s.loaded.draft_lora is not None if c.mode == "spec" else None,
+        mesh=s.mesh, on_tokens=on_tokens)
+  except ValueError as e:  # generate's argument checks: one line naming the argument
+    raise UsageError(_first_line(e)) from None
+
+
+def generate_streamed(s: Session, c: config_dict.ConfigDict, ids: list[int], stream: bool
+                      ) -> GenerateResult:
+  """Runs one prompt, streaming its text to stdout when `stream`."""
+  from dllm_jax.tokenizer import StreamDecoder  # pylint: disable=g-import-not-at-top
+  decoder = StreamDecoder(s.tokenizer)
   with ElapsedBar("compiling and prefilling" if stream else "generating") as spinner:
 
     def on_tokens(row: int, new: list[int]) -> None:
@@ -330,28 +487,19 @@ def generate_once(s: Session, ids: list[int], stream: bool) -> tuple[GenerateRes
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    try:
-      result = generate(
-          s.model, [ids], mode=c.mode, max_new_tokens=c.max_new_tokens,
-          block_length=c.block_length, threshold=threshold, temperature=c.temperature,
-          seed=c.seed, max_thinking_tokens=c.max_thinking_tokens, end_think_token_id=s.think_id,
-          causal_context=c.causal_context,
-          draft_lora=s.draft_lora if c.mode == "spec" else None,
-          mesh=s.mesh, on_tokens=on_tokens if stream else None,
-          unroll_layers=LAYER_LAYOUTS[c.layer_layout])
-    except ValueError as e:  # generate's argument checks: one line naming the argument
-      raise UsageError(_first_line(e)) from None
+    result = run_generate(s, c, [ids], on_tokens if stream else None)
   if stream:
     sys.stdout.write(decoder.flush() + "\n")
     sys.stdout.flush()
-  return result, tok.decode(result.tokens[0])
+  return result
 
 
-def stats(c: config_dict.ConfigDict, prompt_len: int, result: GenerateResult) -> dict[str, Any]:
-  n = len(result.tokens[0])
+def stats(c: config_dict.ConfigDict, prompt_len: int, result: GenerateResult, row: int = 0
+          ) -> dict[str, Any]:
+  n = len(result.tokens[row])
   seconds = result.prefill_seconds + result.decode_seconds
   return {"mode": c.mode, "prompt_tokens": prompt_len, "generated_tokens": n,
-          "nfe": result.nfe[0], "tokens_per_forward": round(result.tokens_per_forward[0], 3),
+          "nfe": result.nfe[row], "tokens_per_forward": round(result.tokens_per_forward[row], 3),
           "tokens_per_second": round(n / seconds, 2) if seconds > 0 else None,
           "compile_seconds": round(result.compile_seconds, 2)}
 
@@ -364,11 +512,25 @@ def stats_line(s: dict[str, Any]) -> str:
           f"(excluding compilation) compile_s={s['compile_seconds']:.1f}")
 
 
-def write_json(path: str, record: dict[str, Any]) -> None:
-  """Writes `record` to `path` atomically (temp file + rename): never a half-written file."""
-  text = json.dumps(record, ensure_ascii=False) + "\n"
+def record(s: Session, job: Job, result: GenerateResult, row: int) -> dict[str, Any]:
+  """The JSON record of one prompt (row `row` of `result`)."""
+  c = job.config
+  return {
+      "checkpoint": s.loaded.path, "prompt": c.prompt, "prompt_ids": job.ids,
+      "text": s.tokenizer.decode(result.tokens[row]), "tokens": result.tokens[row],
+      **stats(c, len(job.ids), result, row), "decode_nfe": result.decode_nfe[row],
+      "prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
+      "accepted_lengths": result.accepted_lengths[row] if result.accepted_lengths else None,
+      "config": c.to_dict()}
+
+
+def write_records(path: str, records: list[dict[str, Any]]) -> None:
+  """JSON lines to `path` atomically (temp file + rename: never a half-written file), or stdout
+  for "-"."""
+  text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
   if path == "-":
     sys.stdout.write(text)
+    sys.stdout.flush()
     return
   from dllm_jax.atomic_files import write_text_atomic  # pylint: disable=g-import-not-at-top
   write_text_atomic(path, text)
@@ -376,23 +538,46 @@ def write_json(path: str, record: dict[str, Any]) -> None:
 
 # --- main -----------------------------------------------------------------------------------------
 
-def run_one_shot(s: Session) -> None:
+def run_one_shot(s: Session, job: Job) -> None:
   c = s.config
-  messages = first_messages(c) + [{"role": "user", "content": c.prompt}]
-  ids = prompt_ids(c, s.src.tokenizer, messages)
   stream = c.stream and c.output_json != "-"
-  result, text = generate_once(s, ids, stream)
+  result = generate_streamed(s, c, job.ids, stream)
+  rec = record(s, job, result, 0)
   if not stream and c.output_json != "-":
-    print(text)
-  st = stats(c, len(ids), result)
-  print(stats_line(st), file=sys.stderr)
+    print(rec["text"])
+  print(stats_line(stats(c, len(job.ids), result)), file=sys.stderr)
   if c.output_json:
-    write_json(c.output_json, {
-        "checkpoint": s.src.path, "prompt": c.prompt, "prompt_ids": ids, "text": text,
-        "tokens": result.tokens[0], **st, "decode_nfe": result.decode_nfe[0],
-        "prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
-        "accepted_lengths": (result.accepted_lengths or [None])[0],
-        "config": c.to_dict()})
+    write_records(c.output_json, [rec])
+
+
+def batch_key(c: config_dict.ConfigDict) -> tuple:
+  """Prompts with equal keys can share one generate call."""
+  threshold = {"diffusion": c.diffusion_threshold, "spec": c.spec_threshold}.get(c.mode)
+  return (c.mode, c.max_new_tokens, c.block_length, c.temperature, c.seed, threshold,
+          c.max_thinking_tokens)
+
+
+def run_batch(s: Session, jobs: list[Job]) -> None:
+  """Generates every prompt, batching those with equal settings, and writes the records in input
+  order once all are done."""
+  groups: dict[tuple, list[int]] = {}
+  for i, job in enumerate(jobs):
+    groups.setdefault(batch_key(job.config), []).append(i)
+  size = s.config.batch_size
+  batches = [rows[k:k + size] for rows in groups.values() for k in range(0, len(rows), size)]
+  records: list[dict[str, Any]] = [{}] * len(jobs)
+  for n, rows in enumerate(batches, 1):
+    c = jobs[rows[0]].config
+    with ElapsedBar(f"batch {n}/{len(batches)}"):
+      result = run_generate(s, c, [jobs[i].ids for i in rows])
+    for row, i in enumerate(rows):
+      records[i] = record(s, jobs[i], result, row)
+    generated = sum(len(t) for t in result.tokens)
+    seconds = result.prefill_seconds + result.decode_seconds
+    print(f"[batch {n}/{len(batches)}] prompts={len(rows)} mode={c.mode} "
+          f"generated_tokens={generated} tokens_per_s={generated / seconds:.1f} "
+          f"(excluding compilation) compile_s={result.compile_seconds:.1f}", file=sys.stderr)
+  write_records(s.config.output_jsonl, records)
 
 
 def run_interactive(s: Session) -> None:
@@ -415,16 +600,16 @@ def run_interactive(s: Session) -> None:
       messages = first_messages(c)
       continue
     turn = messages + [{"role": "user", "content": line}]
-    ids = prompt_ids(c, s.src.tokenizer, turn)
+    ids = prompt_ids(c, s.tokenizer, turn)
     try:
-      check_length(c, s.model.cfg, len(ids))
+      check_length(c, s.model.cfg, len(ids), FLAGS)
     except UsageError as e:
       print(f"error: {e} (try /reset)", file=sys.stderr)
       continue
-    result, text = generate_once(s, ids, stream=True)
+    result = generate_streamed(s, c, ids, stream=True)
     print(stats_line(stats(c, len(ids), result)), file=sys.stderr)
     if c.chat:
-      messages = turn + [{"role": "assistant", "content": text}]
+      messages = turn + [{"role": "assistant", "content": s.tokenizer.decode(result.tokens[0])}]
 
 
 def init_distributed(c: config_dict.ConfigDict) -> None:
@@ -445,24 +630,41 @@ def init_distributed(c: config_dict.ConfigDict) -> None:
 
 
 def main(argv: list[str]) -> int:
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    print(help_text([a for a in argv if a not in HELP_FLAGS]))
+    return 0
   c = parse_config(argv)
   check_knobs(c)
+  if c.interactive:
+    jobs = []
+  elif c.prompts_file:
+    jobs = read_prompts_file(c)  # the whole file is checked before anything is loaded
+  else:
+    jobs = [Job(c, FLAGS)]
   init_distributed(c)
-  src = resolve_source(c)
-  cfg = serving_config(c, src)
-  think_id = end_think_id(c, src)
-  if not c.interactive:  # check the prompt before spending time on the weights
-    messages = first_messages(c) + [{"role": "user", "content": c.prompt}]
-    check_length(c, cfg, len(prompt_ids(c, src.tokenizer, messages)))
+  desc = describe(c)
+  modes = {job.config.mode for job in jobs} or {c.mode}
+  cfg = serving_config(c, desc, modes)
+  for job in jobs or [Job(c, FLAGS)]:  # interactive: the command line's settings
+    check_servable(job.config, job.at, desc)
+  for job in jobs:  # check every prompt's length before spending time on the weights
+    jc = job.config
+    job.ids = prompt_ids(jc, desc.tokenizer, first_messages(jc) + [
+        {"role": "user", "content": jc.prompt}])
+    check_length(jc, cfg, len(job.ids), job.at)
   mesh = make_mesh(c)
+  enable_cache(c)
   start = time.perf_counter()
-  model, draft_lora = load_model(c, src, cfg, mesh)
-  print(f"loaded {src.path} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-  session = Session(c, src, model, draft_lora, think_id, mesh)
+  loaded = load_weights(c, desc, modes, mesh)
+  loaded.model.cfg = cfg  # the same architecture, possibly with a drafting mask id
+  print(f"loaded {desc.path} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+  session = Session(c, loaded, loaded.model, mesh)
   if c.interactive:
     run_interactive(session)
+  elif c.prompts_file:
+    run_batch(session, jobs)
   else:
-    run_one_shot(session)
+    run_one_shot(session, jobs[0])
   return 0
 
 

