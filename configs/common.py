@@ -30,6 +30,9 @@ def generate_config(**overrides) -> config_dict.ConfigDict:
   # diffusion block / speculative draft length; None: the checkpoint's block_size (NLD: 32)
   c.block_length = config_dict.placeholder(int)
   c.diffusion_threshold = 0.9  # diffusion: commit every masked position with confidence >= this
+  # diffusion: commit a fixed number of positions per step instead (M // B, the reference's
+  # threshold=None)
+  c.fixed_schedule = False
   c.spec_threshold = 0.0  # spec: draft confidence threshold; 0: one draft forward fills the block
   c.temperature = 0.0  # sampling temperature; 0: greedy
   c.seed = 0  # sampling seed

@@ -2,7 +2,7 @@
 
 from dllm_jax.checkpoint import Pretrained, export_hf, load_pretrained
 from dllm_jax.config import PRESETS, ModelConfig, preset
-from dllm_jax.decode import GenerateResult, generate
+from dllm_jax.decode import AR, Diffusion, GenerateResult, Spec, generate, settings_for
 from dllm_jax.kv_cache import KVCache
 from dllm_jax.loader import Loaded, load
 from dllm_jax.model import LoRAConfig, NLDModel, abstract_model, forward
@@ -10,7 +10,8 @@ from dllm_jax.sharding import make_mesh, shard_model
 from dllm_jax.tokenizer import TextTokenizer
 
 __all__ = [
-    "GenerateResult", "KVCache", "LoRAConfig", "Loaded", "ModelConfig", "NLDModel", "PRESETS",
-    "Pretrained", "TextTokenizer", "abstract_model", "export_hf", "forward", "generate", "load",
-    "load_pretrained", "make_mesh", "preset", "shard_model",
+    "AR", "Diffusion", "GenerateResult", "KVCache", "LoRAConfig", "Loaded", "ModelConfig",
+    "NLDModel", "PRESETS", "Pretrained", "Spec", "TextTokenizer", "abstract_model", "export_hf",
+    "forward", "generate", "load", "load_pretrained", "make_mesh", "preset", "settings_for",
+    "shard_model",
 ]

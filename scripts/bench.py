@@ -46,7 +46,7 @@ from dllm_jax import loader
 from dllm_jax.atomic_files import write_text_atomic
 from dllm_jax.checkpoint import model_from_state_dict
 from dllm_jax.config import ModelConfig, preset
-from dllm_jax.decode import generate
+from dllm_jax.decode import DecodeSettings, generate, settings_for
 from dllm_jax.decode.common import bucket_length
 from dllm_jax.model import LoRAConfig, NLDModel, param_count
 
@@ -113,22 +113,26 @@ def load_models(name: str, spec: ml_collections.ConfigDict, config: ml_collectio
 
 # --- one case: JAX engine ---------------------------------------------------------------------------
 
-def mode_kwargs(mode: str, config: ml_collections.ConfigDict, threshold: float | None
-                ) -> dict[str, Any]:
+def mode_settings(mode: str, config: ml_collections.ConfigDict, threshold: float | None
+                  ) -> DecodeSettings:
+  """EOS off: every row decodes the whole budget. Diffusion's threshold None is the reference's
+  fixed transfer schedule."""
   sub = config[mode]
-  kw = dict(mode=mode, max_new_tokens=sub.max_new_tokens, eos_token_ids=())
-  if mode != "ar":
+  kw = dict(max_new_tokens=sub.max_new_tokens, eos_token_ids=())
+  if mode == "diffusion" and threshold is None:
+    kw.update(block_length=sub.block_length, fixed_schedule=True)
+  elif mode != "ar":
     kw.update(block_length=sub.block_length, threshold=threshold)
-  return kw
+  return settings_for(mode, **kw)
 
 
-def forward_counts(mode: str, kw: dict[str, Any], results) -> dict[str, int]:
+def forward_counts(mode: str, settings: DecodeSettings, results) -> dict[str, int]:
   """How many forwards of each kind one generate call ran (the batch runs while any row runs)."""
   decode_nfe = max(max(r.decode_nfe) for r in results)
   if mode == "ar":
     return {"ar": decode_nfe - 1}  # the first token comes from the prefill logits
   if mode == "diffusion":
-    blocks = kw["max_new_tokens"] // kw["block_length"]  # EOS is off: every block is decoded
+    blocks = settings.max_new_tokens // settings.block  # EOS is off: every block is decoded
     return {"denoise": decode_nfe - blocks, "commit": blocks}
   rounds = max(len(a) for a in results[0].accepted_lengths)
   return {"draft": decode_nfe - rounds, "verify": rounds}
@@ -136,18 +140,18 @@ def forward_counts(mode: str, kw: dict[str, Any], results) -> dict[str, int]:
 
 def run_jax_case(models: Models, mode: str, batch: int, threshold: float | None,
                  prompts: np.ndarray, config: ml_collections.ConfigDict) -> dict[str, Any]:
-  kw = mode_kwargs(mode, config, threshold)
-  first = generate(models.jax_model, prompts.tolist(), **kw)
+  settings = mode_settings(mode, config, threshold)
+  first = generate(models.jax_model, prompts.tolist(), settings)
   for _ in range(config.warmup - 1):
-    generate(models.jax_model, prompts.tolist(), **kw)
+    generate(models.jax_model, prompts.tolist(), settings)
   results, walls = [], []
   for _ in range(config.repeats):
     start = time.perf_counter()  # the whole call, as a user sees it (argument handling included)
-    results.append(generate(models.jax_model, prompts.tolist(), **kw))
+    results.append(generate(models.jax_model, prompts.tolist(), settings))
     walls.append(time.perf_counter() - start)
   wall, decode = bu.median(walls), bu.median([r.decode_seconds for r in results])
   generated = sum(len(t) for t in results[0].tokens)
-  counts = forward_counts(mode, kw, results)
+  counts = forward_counts(mode, settings, results)
   forwards = sum(counts.values())
   row = dict(
       nfe=max(results[0].nfe), decode_nfe=max(results[0].decode_nfe),
@@ -162,9 +166,8 @@ def run_jax_case(models: Models, mode: str, batch: int, threshold: float | None,
     row["mean_accepted"] = float(np.mean(acc)) if acc else float("nan")
   # The same forwards alone: what the decode would cost with zero engine overhead.
   prompt_len = prompts.shape[1]
-  out_width = kw["max_new_tokens"] + (kw.get("block_length", 1))
-  shape_tokens = 1 if mode == "ar" else kw["block_length"]
-  shape = bu.ForwardShape(batch, shape_tokens, context=prompt_len + kw["max_new_tokens"] // 2,
+  out_width = settings.max_new_tokens + settings.block
+  shape = bu.ForwardShape(batch, settings.block, context=prompt_len + settings.max_new_tokens // 2,
                           cache_len=bucket_length(prompt_len) + out_width)
   forward_seconds = 0.0
   for kind in MODE_FORWARDS[mode]:

@@ -53,23 +53,17 @@ def main(argv=None) -> int:
     print(f"--diffusion_thresholds={args.diffusion_thresholds!r}: expected numbers like 0.9,0.7",
           file=sys.stderr)
     return 2
-  if any(not 0.0 <= t <= 1.0 for t in thresholds):
-    print(f"--diffusion_thresholds={args.diffusion_thresholds!r}: each must lie in [0, 1]",
-          file=sys.stderr)
-    return 2
   if not os.path.exists(args.prompts):
     print(f"--prompts: {args.prompts} not found", file=sys.stderr)
     return 2
-  if args.max_new_tokens < 1 or args.block_length == 1 or args.block_length < 0 or \
-      args.batch_size < 1:
-    print("--max_new_tokens >= 1, --block_length >= 2 (or 0) and --batch_size >= 1 are required",
-          file=sys.stderr)
+  if args.batch_size < 1:
+    print(f"--batch_size={args.batch_size}: must be >= 1", file=sys.stderr)
     return 2
 
   # Argument errors answer without loading JAX.
   from dllm_jax import loader  # pylint: disable=g-import-not-at-top
   from dllm_jax.compile_cache import enable_compilation_cache  # pylint: disable=g-import-not-at-top
-  from dllm_jax.decode import generate  # pylint: disable=g-import-not-at-top
+  from dllm_jax.decode import AR, Diffusion, Spec, generate  # pylint: disable=g-import-not-at-top
   from dllm_jax.training.data import read_jsonl  # pylint: disable=g-import-not-at-top
 
   try:
@@ -88,25 +82,23 @@ def main(argv=None) -> int:
   except (ValueError, OSError) as e:
     print(str(e).splitlines()[0], file=sys.stderr)
     return 2
-  cfg = desc.config
-  if cfg.mask_token_id is None:
-    if args.mask_token_id is None:
-      print(f"--checkpoint={args.checkpoint}: the model has no mask token (an autoregressive "
-            f"model drafts only with --mask_token_id, and cannot diffuse)", file=sys.stderr)
-      return 2
-    if thresholds:
-      print("--diffusion_thresholds: the model has no mask token of its own to diffuse with",
-            file=sys.stderr)
-      return 2
-    if not 0 <= args.mask_token_id < cfg.vocab_size:
-      print(f"--mask_token_id={args.mask_token_id}: outside the vocabulary [0, {cfg.vocab_size})",
-            file=sys.stderr)
-      return 2
-    cfg = cfg.replace(mask_token_id=args.mask_token_id)
-  block = args.block_length or cfg.block_size
-  if thresholds and args.max_new_tokens % block:
-    print(f"--max_new_tokens={args.max_new_tokens} is not a multiple of the block length {block} "
-          f"(diffusion decodes whole blocks)", file=sys.stderr)
+  # Every configuration's settings, checked against the checkpoint before the weights load.
+  n, block = args.max_new_tokens, args.block_length or None
+  spec = dict(max_new_tokens=n, block_length=block, mask_token_id=args.mask_token_id)
+  try:
+    diffusion = [(f"diffusion, threshold {t:g}",
+                  Diffusion(max_new_tokens=n, block_length=block, threshold=t))
+                 for t in thresholds]
+  except ValueError as e:
+    print(f"--diffusion_thresholds={args.diffusion_thresholds!r}: {e}", file=sys.stderr)
+    return 2
+  try:
+    configs = [("ar", AR(max_new_tokens=n)),
+               ("spec, drafting with the model's weights", Spec(draft_lora=False, **spec)),
+               ("spec, draft LoRA", Spec(draft_lora=True, **spec)), *diffusion]
+    configs = [(name, s.resolve(desc.config, [len(i) for i in ids])) for name, s in configs]
+  except ValueError as e:
+    print(f"--checkpoint={args.checkpoint}: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
   try:
     enable_compilation_cache(args.compilation_cache_dir)
@@ -114,14 +106,14 @@ def main(argv=None) -> int:
   except (ValueError, OSError) as e:
     print(str(e).splitlines()[0], file=sys.stderr)
     return 2
-  pre.model.cfg = cfg
+  if pre.draft_lora is None:
+    configs = [(name, s) for name, s in configs if name != "spec, draft LoRA"]
 
-  def run(mode: str, name: str, **kw):
+  def run(name: str, settings):
     start_time = time.perf_counter()
     out = {"tokens": [], "nfe": [], "decode_nfe": [], "accepted": []}
     for start in range(0, len(ids), args.batch_size):
-      r = generate(pre.model, ids[start:start + args.batch_size], mode=mode,
-                   max_new_tokens=args.max_new_tokens, block_length=block, **kw)
+      r = generate(pre.model, ids[start:start + args.batch_size], settings)
       out["tokens"] += r.tokens
       out["nfe"] += r.nfe
       out["decode_nfe"] += r.decode_nfe
@@ -130,16 +122,12 @@ def main(argv=None) -> int:
           file=sys.stderr)
     return out
 
-  try:  # argument errors of generate (a prompt too long for the positions, say): one line, exit 2
-    ar = run("ar", "ar")
-    rows = [(name, run(mode, name, **kw)) for name, mode, kw in _configs(pre, thresholds)]
-  except ValueError as e:
-    print(str(e).splitlines()[0], file=sys.stderr)
-    return 2
+  ar = run(*configs[0])
+  rows = [(name, run(name, s)) for name, s in configs[1:]]
   lines = ["| mode | tok/fwd | decode tok/fwd | mean accepted per round | same tokens as AR | "
            "AR tokens reproduced |", "|---|---:|---:|---:|---:|---:|"]
   report = {"checkpoint": args.checkpoint, "prompts": len(ids), "max_new_tokens":
-            args.max_new_tokens, "block_length": block, "rows": []}
+            args.max_new_tokens, "block_length": configs[1][1].block_length, "rows": []}
   for name, out in rows:
     n = sum(len(t) for t in out["tokens"])
     # Speculation and diffusion may run past max_new_tokens inside their last block; compare
@@ -159,16 +147,6 @@ def main(argv=None) -> int:
   print("\n".join(lines))
   print(json.dumps(report))
   return 0
-
-
-def _configs(pre, thresholds):
-  """(row name, mode, generate kwargs) per measured configuration."""
-  configs = [("spec, drafting with the model's weights", "spec",
-              dict(draft_lora=False, threshold=0.0))]
-  if pre.draft_lora is not None:
-    configs.append(("spec, draft LoRA", "spec", dict(draft_lora=True, threshold=0.0)))
-  return configs + [(f"diffusion, threshold {t:g}", "diffusion", dict(threshold=t))
-                    for t in thresholds]
 
 
 if __name__ == "__main__":

@@ -35,13 +35,12 @@ if TYPE_CHECKING:  # dllm_jax (and JAX) are imported once the flags are valid: u
   from dllm_jax.config import ModelConfig
   from dllm_jax.decode import GenerateResult
   from dllm_jax.loader import Description, Loaded
-  from dllm_jax.model import NLDModel
+  from dllm_jax.decode.settings import DecodeSettings
   from dllm_jax.tokenizer import TextTokenizer
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 DEFAULT_CONFIG = os.path.join(CONFIGS, "default.py")
 KNOBS_FILE = os.path.join(CONFIGS, "common.py")  # every knob, with its description as a comment
-MODES = ("ar", "diffusion", "spec")
 # dllm_jax.loader.DTYPE_NAMES and dllm_jax.config.ATTENTION_IMPLS, checked before the heavy imports.
 DTYPES = ("auto", "float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "pallas", "triton", "cudnn", "auto")
@@ -164,29 +163,32 @@ def help_text(argv: list[str]) -> str:
   return "\n".join(lines)
 
 
-def check_decoding(c: config_dict.ConfigDict, at: Origin) -> None:
-  """The knobs a prompts-file line may also set; no checkpoint needed."""
-  if c.mode not in MODES:
-    raise at.error(f"{at.key('mode')}={c.mode!r}: expected one of {', '.join(MODES)}")
-  if c.max_new_tokens < 1:
-    raise at.error(f"{at.key('max_new_tokens')}={c.max_new_tokens}: must be >= 1")
-  if c.block_length is not None:
-    check_block_length(c, at)
-  if c.temperature < 0:
-    raise at.error(f"{at.key('temperature')}={c.temperature}: must be >= 0")
-  if c.max_thinking_tokens is not None and c.max_thinking_tokens < 0:
-    raise at.error(f"{at.key('max_thinking_tokens')}={c.max_thinking_tokens}: must be >= 0")
+def decode_settings(c: config_dict.ConfigDict, at: Origin) -> DecodeSettings:
+  """The knobs of `c` as the library's settings of its mode (dllm_jax/decode/settings.py, which
+  defaults and checks them); its one-line ValueError names the knob as the user wrote it."""
+  from dllm_jax.decode.settings import settings_for  # pylint: disable=g-import-not-at-top
+  knobs = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=c.seed,
+               max_thinking_tokens=c.max_thinking_tokens)
+  if c.mode in ("diffusion", "spec"):
+    knobs.update(block_length=c.block_length, threshold=c[f"{c.mode}_threshold"])
+  if c.mode == "diffusion":
+    knobs.update(fixed_schedule=c.fixed_schedule, causal_context=c.causal_context)
+  if c.mode == "spec":
+    knobs.update(mask_token_id=c.mask_token_id)
+  try:
+    return settings_for(c.mode, **knobs)
+  except ValueError as e:
+    raise at.error(_knob_message(str(e), c.mode, at)) from None
 
 
-def check_block_length(c: config_dict.ConfigDict, at: Origin) -> None:
-  if c.mode != "ar":
-    min_block = 2 if c.mode == "spec" else 1  # spec: a seed plus at least one drafted position
-    if c.block_length < min_block:
-      raise at.error(f"{at.key('block_length')}={c.block_length}: must be >= {min_block} in "
-                     f"{c.mode} mode")
-  if c.mode == "diffusion" and c.max_new_tokens % c.block_length:
-    raise at.error(f"{at.key('max_new_tokens')}={c.max_new_tokens} is not a multiple of "
-                   f"{at.key('block_length')}={c.block_length} (diffusion decodes whole blocks)")
+def _knob_message(message: str, mode: str, at: Origin) -> str:
+  """A settings error with its field spelled as the knob ("threshold=2" -> the mode's threshold
+  knob, "--config." prefixed on the command line)."""
+  field, sep, rest = message.partition("=")
+  if not sep or not field.isidentifier():
+    return message
+  knob = {"threshold": f"{mode}_threshold"}.get(field, field)
+  return f"{at.key(knob)}={rest}"
 
 
 def _check_output_dir(key: str, path: str) -> None:
@@ -198,7 +200,7 @@ def _check_output_dir(key: str, path: str) -> None:
 
 def check_knobs(c: config_dict.ConfigDict) -> None:
   """Checks every knob that does not need the checkpoint."""
-  check_decoding(c, FLAGS)
+  decode_settings(c, FLAGS)
   if c.dtype not in DTYPES:
     raise UsageError(f"--config.dtype={c.dtype!r}: expected one of {', '.join(DTYPES)}")
   if c.attention_impl not in ATTENTION_IMPLS:
@@ -232,9 +234,11 @@ def check_knobs(c: config_dict.ConfigDict) -> None:
 
 @dataclasses.dataclass
 class Job:
-  """One prompt: the config with a prompts-file line's settings applied, and its token ids."""
+  """One prompt: the config with a prompts-file line's settings applied, its decoding settings
+  (resolved against the checkpoint once it is known) and its token ids."""
   config: config_dict.ConfigDict
   at: Origin
+  settings: DecodeSettings
   ids: list[int] = dataclasses.field(default_factory=list)
 
 
@@ -298,8 +302,7 @@ def read_prompts_file(c: config_dict.ConfigDict) -> list[Job]:
     job_config = copy.deepcopy(c)
     for key, value in entry.items():
       job_config[key] = value  # ConfigDict turns an int into a float where the knob is a float
-    check_decoding(job_config, at)
-    jobs.append(Job(job_config, at))
+    jobs.append(Job(job_config, at, decode_settings(job_config, at)))
   if not jobs:
     raise UsageError(f"--config.prompts_file: {path} holds no prompts")
   return jobs
@@ -336,49 +339,42 @@ def describe(c: config_dict.ConfigDict) -> Description:
   return desc
 
 
-def serving_config(c: config_dict.ConfigDict, desc: Description, modes: set[str]) -> ModelConfig:
-  """The ModelConfig decoding runs with; refuses modes the checkpoint cannot serve."""
-  cfg = desc.config.replace(attention_impl=c.attention_impl)
-  if "spec" in modes and cfg.mask_token_id is None:
-    if c.mask_token_id is None:
-      raise UsageError(f"--config.mode=spec: checkpoint {desc.path} has no mask token; set "
-                       "--config.mask_token_id to an id the model never produces, or use mode=ar")
-    if not 0 <= c.mask_token_id < cfg.vocab_size:
-      raise UsageError(f"--config.mask_token_id={c.mask_token_id}: outside the vocabulary "
-                       f"[0, {cfg.vocab_size})")
-    # Drafts from an AR model are poor, but the causal verify keeps greedy output exact.
-    cfg = cfg.replace(mask_token_id=c.mask_token_id)
+def check_chat(c: config_dict.ConfigDict, desc: Description) -> None:
   if c.chat and not desc.tokenizer.chat_template:
     raise UsageError(f"--config.chat=True but {desc.path} has no chat template; "
                      "use --config.chat=False for raw text")
-  return cfg
 
 
-def check_servable(c: config_dict.ConfigDict, at: Origin, desc: Description) -> None:
-  """One prompt's settings against the checkpoint; an unset block_length becomes its block_size."""
-  if c.mode == "diffusion" and desc.config.mask_token_id is None:
-    raise at.error(f"{at.key('mode')}=diffusion: checkpoint {desc.path} has no mask token "
-                   "(an autoregressive model); use mode=ar or mode=spec")
-  if c.block_length is None:  # the block the checkpoint was trained with
-    c.block_length = desc.config.block_size
-    check_block_length(c, at)
-  if c.max_thinking_tokens is not None and desc.tokenizer.end_think_token_id() is None:
-    raise at.error(f"{at.key('max_thinking_tokens')} needs a '</think>' token, which the "
-                   f"tokenizer of {desc.path} does not have")
+def resolve(job: Job, desc: Description) -> None:
+  """The job's settings against the checkpoint and its prompt (vocabulary, mask token, block
+  length, positions, the cache length of --config.max_seq_len), before any weight is read."""
+  c, at, settings = job.config, job.at, job.settings
+  if settings.max_thinking_tokens is not None:
+    end_think = desc.tokenizer.end_think_token_id()
+    if end_think is None:
+      raise at.error(f"{at.key('max_thinking_tokens')} needs a '</think>' token, which the "
+                     f"tokenizer of {desc.path} does not have")
+    settings = dataclasses.replace(settings, end_think_token_id=end_think)
+  try:
+    job.settings = settings.resolve(desc.config, [len(job.ids)])
+  except ValueError as e:
+    raise at.error(f"{at.key('mode')}={c.mode} on {desc.path}: "
+                   f"{_knob_message(str(e), c.mode, at)}") from None
+  check_length(c, desc.config, len(job.ids), job.settings, at)
 
 
-def check_length(c: config_dict.ConfigDict, cfg: ModelConfig, prompt_len: int, at: Origin) -> None:
-  """Prompt + new tokens (+ one block of overshoot) must fit the cache and the model's positions."""
+def check_length(c: config_dict.ConfigDict, cfg: ModelConfig, prompt_len: int,
+                 settings: DecodeSettings, at: Origin) -> None:
+  """Prompt + new tokens + one round's overshoot must fit the cache (--config.max_seq_len)."""
   limit = c.max_seq_len or cfg.max_position_embeddings
   if limit > cfg.max_position_embeddings:
     raise UsageError(f"--config.max_seq_len={c.max_seq_len} exceeds the model's "
                      f"max_position_embeddings={cfg.max_position_embeddings}")
-  block = 1 if c.mode == "ar" else c.block_length
-  need = prompt_len + c.max_new_tokens + block
+  need = prompt_len + settings.max_new_tokens + settings.block
   if need > limit:
-    raise at.error(f"prompt of {prompt_len} tokens + max_new_tokens={c.max_new_tokens} + "
-                   f"{'one token' if c.mode == 'ar' else f'block_length={block}'} = {need} "
-                   f"exceeds the cache length {limit} (--config.max_seq_len)")
+    raise at.error(f"prompt of {prompt_len} tokens + max_new_tokens={settings.max_new_tokens} + "
+                   f"{'one token' if settings.mode == 'ar' else f'block_length={settings.block}'}"
+                   f" = {need} exceeds the cache length {limit} (--config.max_seq_len)")
 
 
 def make_mesh(c: config_dict.ConfigDict):  # -> jax.sharding.Mesh | None
@@ -417,7 +413,6 @@ class Session:
   """Everything a generation call needs once the weights are loaded."""
   config: config_dict.ConfigDict
   loaded: Loaded
-  model: NLDModel  # the loaded model, running the serving config
   mesh: Any  # jax.sharding.Mesh | None
 
   @property
@@ -456,24 +451,17 @@ class ElapsedBar:
     self.stop()
 
 
-def run_generate(s: Session, c: config_dict.ConfigDict, prompts: list[list[int]],
+def run_generate(s: Session, settings: DecodeSettings, prompts: list[list[int]],
                  on_tokens=None) -> GenerateResult:
-  """One `generate` call with the decoding settings of `c`."""
+  """One `generate` call (its settings were resolved against the checkpoint already)."""
   from dllm_jax.decode import generate  # pylint: disable=g-import-not-at-top
-  threshold = {"diffusion": c.diffusion_threshold, "spec": c.spec_threshold}.get(c.mode, 0.0)
   try:
-    return generate(
-        s.model, prompts, mode=c.mode, max_new_tokens=c.max_new_tokens,
-        block_length=c.block_length, threshold=threshold, temperature=c.temperature,
-        seed=c.seed, max_thinking_tokens=c.max_thinking_tokens,
-        end_think_token_id=s.tokenizer.end_think_token_id(), causal_context=c.causal_context,
-        draft_lora=s.loaded.draft_lora is not None if c.mode == "spec" else None,
-        mesh=s.mesh, on_tokens=on_tokens)
-  except ValueError as e:  # generate's argument checks: one line naming the argument
+    return generate(s.loaded.model, prompts, settings, mesh=s.mesh, on_tokens=on_tokens)
+  except ValueError as e:  # e.g. a mesh that does not divide the batch: one line
     raise UsageError(_first_line(e)) from None
 
 
-def generate_streamed(s: Session, c: config_dict.ConfigDict, ids: list[int], stream: bool
+def generate_streamed(s: Session, settings: DecodeSettings, ids: list[int], stream: bool
                       ) -> GenerateResult:
   """Runs one prompt, streaming its text to stdout when `stream`."""
   from dllm_jax.tokenizer import StreamDecoder  # pylint: disable=g-import-not-at-top
@@ -487,7 +475,7 @@ def generate_streamed(s: Session, c: config_dict.ConfigDict, ids: list[int], str
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    result = run_generate(s, c, [ids], on_tokens if stream else None)
+    result = run_generate(s, settings, [ids], on_tokens if stream else None)
   if stream:
     sys.stdout.write(decoder.flush() + "\n")
     sys.stdout.flush()
@@ -541,7 +529,7 @@ def write_records(path: str, records: list[dict[str, Any]]) -> None:
 def run_one_shot(s: Session, job: Job) -> None:
   c = s.config
   stream = c.stream and c.output_json != "-"
-  result = generate_streamed(s, c, job.ids, stream)
+  result = generate_streamed(s, job.settings, job.ids, stream)
   rec = record(s, job, result, 0)
   if not stream and c.output_json != "-":
     print(rec["text"])
@@ -550,26 +538,19 @@ def run_one_shot(s: Session, job: Job) -> None:
     write_records(c.output_json, [rec])
 
 
-def batch_key(c: config_dict.ConfigDict) -> tuple:
-  """Prompts with equal keys can share one generate call."""
-  threshold = {"diffusion": c.diffusion_threshold, "spec": c.spec_threshold}.get(c.mode)
-  return (c.mode, c.max_new_tokens, c.block_length, c.temperature, c.seed, threshold,
-          c.max_thinking_tokens)
-
-
 def run_batch(s: Session, jobs: list[Job]) -> None:
   """Generates every prompt, batching those with equal settings, and writes the records in input
   order once all are done."""
-  groups: dict[tuple, list[int]] = {}
+  groups: dict[DecodeSettings, list[int]] = {}  # prompts with equal settings share a call
   for i, job in enumerate(jobs):
-    groups.setdefault(batch_key(job.config), []).append(i)
+    groups.setdefault(job.settings, []).append(i)
   size = s.config.batch_size
   batches = [rows[k:k + size] for rows in groups.values() for k in range(0, len(rows), size)]
   records: list[dict[str, Any]] = [{}] * len(jobs)
   for n, rows in enumerate(batches, 1):
-    c = jobs[rows[0]].config
+    c, settings = jobs[rows[0]].config, jobs[rows[0]].settings
     with ElapsedBar(f"batch {n}/{len(batches)}"):
-      result = run_generate(s, c, [jobs[i].ids for i in rows])
+      result = run_generate(s, settings, [jobs[i].ids for i in rows])
     for row, i in enumerate(rows):
       records[i] = record(s, jobs[i], result, row)
     generated = sum(len(t) for t in result.tokens)
@@ -580,7 +561,7 @@ def run_batch(s: Session, jobs: list[Job]) -> None:
   write_records(s.config.output_jsonl, records)
 
 
-def run_interactive(s: Session) -> None:
+def run_interactive(s: Session, desc: Description) -> None:
   """A multi-turn chat (raw-text mode: independent prompts). Empty line: skip; /reset; /exit."""
   c = s.config
   messages = first_messages(c)
@@ -600,14 +581,14 @@ def run_interactive(s: Session) -> None:
       messages = first_messages(c)
       continue
     turn = messages + [{"role": "user", "content": line}]
-    ids = prompt_ids(c, s.tokenizer, turn)
+    job = Job(c, FLAGS, decode_settings(c, FLAGS), prompt_ids(c, s.tokenizer, turn))
     try:
-      check_length(c, s.model.cfg, len(ids), FLAGS)
+      resolve(job, desc)
     except UsageError as e:
       print(f"error: {e} (try /reset)", file=sys.stderr)
       continue
-    result = generate_streamed(s, c, ids, stream=True)
-    print(stats_line(stats(c, len(ids), result)), file=sys.stderr)
+    result = generate_streamed(s, job.settings, job.ids, stream=True)
+    print(stats_line(stats(c, len(job.ids), result)), file=sys.stderr)
     if c.chat:
       messages = turn + [{"role": "assistant", "content": s.tokenizer.decode(result.tokens[0])}]
 
@@ -640,27 +621,24 @@ def main(argv: list[str]) -> int:
   elif c.prompts_file:
     jobs = read_prompts_file(c)  # the whole file is checked before anything is loaded
   else:
-    jobs = [Job(c, FLAGS)]
+    jobs = [Job(c, FLAGS, decode_settings(c, FLAGS))]
   init_distributed(c)
   desc = describe(c)
+  check_chat(c, desc)
   modes = {job.config.mode for job in jobs} or {c.mode}
-  cfg = serving_config(c, desc, modes)
-  for job in jobs or [Job(c, FLAGS)]:  # interactive: the command line's settings
-    check_servable(job.config, job.at, desc)
-  for job in jobs:  # check every prompt's length before spending time on the weights
+  for job in jobs:  # every prompt against the checkpoint before spending time on the weights
     jc = job.config
     job.ids = prompt_ids(jc, desc.tokenizer, first_messages(jc) + [
         {"role": "user", "content": jc.prompt}])
-    check_length(jc, cfg, len(job.ids), job.at)
+    resolve(job, desc)
   mesh = make_mesh(c)
   enable_cache(c)
   start = time.perf_counter()
   loaded = load_weights(c, desc, modes, mesh)
-  loaded.model.cfg = cfg  # the same architecture, possibly with a drafting mask id
   print(f"loaded {desc.path} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-  session = Session(c, loaded, loaded.model, mesh)
+  session = Session(c, loaded, mesh)
   if c.interactive:
-    run_interactive(session)
+    run_interactive(session, desc)
   elif c.prompts_file:
     run_batch(session, jobs)
   else:

@@ -166,7 +166,7 @@ BAD_INPUTS = {
     "unknown_attention_impl": (["--config.checkpoint={ckpt}", "--config.attention_impl=flash"],
                                r"attention_impl='flash'"),
     "diffusion_without_mask": (["--config.checkpoint={ar_only}", "--config.mode=diffusion"],
-                               r"no mask token"),
+                               r"diffusion decoding needs a mask token"),
     "spec_without_mask": (["--config.checkpoint={ar_only}", "--config.mode=spec"],
                           r"mask_token_id"),
     "unusable_compilation_cache": (["--config.checkpoint={ckpt}",
@@ -230,7 +230,7 @@ def test_block_length_defaults_to_the_checkpoints_block_size(tmp_path):
   proc = run_cli(f"--config.checkpoint={ckpt8}", "--config.mode=diffusion",
                  "--config.max_new_tokens=12", f"--config.prompt={PROMPT}")
   assert proc.returncode == 2
-  assert "max_new_tokens=12 is not a multiple of --config.block_length=8" in proc.stderr
+  assert "max_new_tokens=12 is not a multiple of block_length=8" in proc.stderr
 
 
 # --- batch runs -----------------------------------------------------------------------------------
@@ -250,13 +250,14 @@ BATCH_LINES = [
 
 def _expected(tokenizer, model, line: dict) -> tuple[list[int], list[int]]:
   """Prompt ids and greedy tokens of one line, generated alone."""
-  from dllm_jax.decode import generate
+  from dllm_jax.decode import AR, Diffusion, generate
   messages = ([{"role": "system", "content": line["system"]}] if "system" in line else []) + [
       {"role": "user", "content": line["prompt"]}]
   ids = tokenizer.encode_chat(messages)
-  mode = line.get("mode", "ar")
-  out = generate(model, [ids], mode=mode, max_new_tokens=line.get("max_new_tokens", 8),
-                 block_length=8, threshold=0.9 if mode == "diffusion" else None)
+  n = line.get("max_new_tokens", 8)
+  settings = (Diffusion(max_new_tokens=n, block_length=8, threshold=0.9)
+              if line.get("mode") == "diffusion" else AR(max_new_tokens=n))
+  out = generate(model, [ids], settings)
   return ids, out.tokens[0]
 
 
@@ -314,7 +315,7 @@ BAD_PROMPT_FILES = {
     "too_long": ('{"prompt": "a"}\n{"prompt": "b"}\n' + LONG_LINE + "\n",
                  r"prompts\.jsonl:3: prompt of \d+ tokens .* exceeds the cache length 64"),
     "unservable_mode": ('{"prompt": "a", "mode": "diffusion"}\n',
-                        r"prompts\.jsonl:1: mode=diffusion: checkpoint .* has no mask token"),
+                        r"prompts\.jsonl:1: mode=diffusion on .*: diffusion decoding needs a mask token"),
     "no_prompts": ("\n\n", r"prompts\.jsonl holds no prompts"),
     "no_output": ('{"prompt": "a"}\n', r"prompts_file needs --config\.output_jsonl"),
 }

@@ -71,8 +71,8 @@ def test_bad_input_exits_2_naming_it(eval_modes, prompts, tmp_path, capsys):
   for flags, culprit in ((["--diffusion_thresholds=high"], "--diffusion_thresholds"),
                          (["--diffusion_thresholds=1.5"], "--diffusion_thresholds"),
                          (["--diffusion_thresholds=0.9", "--max_new_tokens=10",
-                           "--block_length=4"], "--max_new_tokens=10"),
-                         (["--block_length=1"], "--block_length")):
+                           "--block_length=4"], "max_new_tokens=10 is not a multiple"),
+                         (["--block_length=1"], "block_length=1")):
     assert eval_modes.main([f"--checkpoint={ckpt}", f"--prompts={prompts}", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert culprit in err and "\n" not in err, err
@@ -82,12 +82,12 @@ def test_checkpoints_it_cannot_measure_exit_2(eval_modes, prompts, tmp_path, cap
   from dllm_jax.config import preset
   ar_only = write_checkpoint(tmp_path / "ar", preset("tiny").replace(mask_token_id=None))
   assert eval_modes.main([f"--checkpoint={ar_only}", f"--prompts={prompts}"]) == 2
-  assert "no mask token" in capsys.readouterr().err
+  assert "spec decoding needs a mask token" in capsys.readouterr().err
   short = write_checkpoint(tmp_path / "short", preset("tiny").replace(max_position_embeddings=16))
   assert eval_modes.main([f"--checkpoint={short}", f"--prompts={prompts}",
                           "--max_new_tokens=12", NO_CACHE]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert "exceeds max_position_embeddings=16" in err[-1], err
+  assert "exceeds the model's max_position_embeddings=16" in err[-1], err
   (short / "tokenizer.json").unlink()
   assert eval_modes.main([f"--checkpoint={short}", f"--prompts={prompts}"]) == 2
   err = capsys.readouterr().err.strip()
@@ -100,7 +100,7 @@ def test_embedded_default_by_name_needs_a_drafting_mask_id(eval_modes, prompts, 
   """The name resolves as in scripts/generate.py; an AR model is refused until given a mask id."""
   assert eval_modes.main(["--checkpoint=smollm2", f"--prompts={prompts}"]) == 2
   err = capsys.readouterr().err.strip()
-  assert "no mask token" in err and "--mask_token_id" in err and "\n" not in err, err
+  assert "needs a mask token" in err and "set mask_token_id" in err and "\n" not in err, err
   assert eval_modes.main(["--checkpoint=smollm2", f"--prompts={prompts}", "--mask_token_id=16",
                           "--diffusion_thresholds=0.9"]) == 2
-  assert "--diffusion_thresholds" in capsys.readouterr().err
+  assert "diffusion decoding needs a mask token" in capsys.readouterr().err

@@ -64,7 +64,7 @@ def test_directories_load_with_their_adapter_and_tokenizer(kind, hf_dir, convert
   path = hf_dir if kind == "hf" else converted_dir
   m = dllm_jax.load(path)
   assert (m.kind, m.path, m.config) == (kind, str(path), m.model.cfg)
-  assert m.config.vocab_size == CFG.vocab_size and m.config.attention_impl == "xla"
+  assert m.config.vocab_size == CFG.vocab_size and m.config.attention_impl == "auto"
   assert m.draft_lora == LoRAConfig(RANK, ALPHA)
   assert m.model.dtype == jnp.float32  # "auto" on the CPU
   assert m.tokenizer.encode_chat([{"role": "user", "content": "the sea"}])[0] == 10

@@ -141,8 +141,8 @@ class _Blocks(DecodeSettings):
                        f">= {self.min_block} in {self.mode} mode")
     if mask_token_id is None:
       raise ValueError(f"{self.mode} decoding needs a mask token, but the model config has "
-                       "mask_token_id=None" + (" (set Spec(mask_token_id=...) to an id the model "
-                                               "never produces)" if self.mode == "spec" else ""))
+                       "mask_token_id=None" + (" (set mask_token_id to an id the model never "
+                                               "produces)" if self.mode == "spec" else ""))
     if not 0 <= mask_token_id < cfg.vocab_size:
       raise ValueError(f"mask_token_id={mask_token_id} is outside the vocabulary "
                        f"[0, {cfg.vocab_size})")
