@@ -1,7 +1,7 @@
 """Knobs shared by every `scripts/generate.py` config; each config file sets what differs.
 
-Defaults follow the reference (spec §5): block length 32, threshold 0.9 for block diffusion and 0
-for self-speculation (one draft forward per round), 512 new tokens, greedy decoding.
+Defaults follow the reference (docs/model.md §5): block length 32, threshold 0.9 for block diffusion
+and 0 for self-speculation (one draft forward per round), 512 new tokens, greedy decoding.
 
 `python scripts/generate.py --help` lists every knob with the comment on its line here (or the
 comment lines right above it): keep each one a self-contained description.

@@ -1,8 +1,8 @@
 """Knobs shared by every `scripts/train.py` config; each job file sets what differs.
 
-Defaults follow the NVIDIA recipes of spec §6.3: AdamW beta2 0.95, weight decay 0.1, grad clip 1.0,
-warmup-stable-decay schedule, block_diff joint objective with eps = 1e-3, bf16 compute on fp32
-master weights.
+Defaults follow the NVIDIA recipes of docs/model.md §6.3: AdamW beta2 0.95, weight decay 0.1, grad
+clip 1.0, warmup-stable-decay schedule, block_diff joint objective with eps = 1e-3, bf16 compute on
+fp32 master weights.
 """
 
 from ml_collections import config_dict

@@ -4,14 +4,14 @@ Layouts: q [B, T, H, D]; k, v [B, S, G, D] with H = G * R (query head h reads kv
 Key slot s of a cache holds absolute position s (each row's cache is contiguous from 0), so masks
 are functions of (query position, key slot, per-row lengths).
 
-Patterns (spec §4):
+Patterns (docs/model.md §4):
   "causal"        query at position q_offset[b] + t sees keys s <= q_offset[b] + t. Used for prefill,
                   AR decode, the post-block commit and the speculative verify (K/V already appended).
   "prefix"        a block of T queries sees the cached prefix s < kv_len[b] plus every key of the
                   block itself (block_k/block_v, never written to the cache): diffusion denoising steps
                   and speculative drafts.
   "bidirectional" every query sees every (valid) key: diffusion without a cache.
-  "block_diff"    the training dual-stream [noisy ; clean] mask of length 2n (spec §4.4).
+  "block_diff"    the training dual-stream [noisy ; clean] mask of length 2n (docs/model.md §4.4).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def prefix_mask(kv_len: jax.Array, num_queries: int, num_keys: int) -> jax.Array
 
 
 def block_diff_mask(n: int, block_size: int) -> jax.Array:
-  """[2n, 2n] bool training mask over [noisy (0..n-1) ; clean (n..2n-1)] (spec §4.4)."""
+  """[2n, 2n] bool training mask over [noisy (0..n-1) ; clean (n..2n-1)] (docs/model.md §4.4)."""
   idx = jnp.arange(2 * n)
   noisy = idx < n
   blk = (idx % n) // block_size  # stream-relative block index

@@ -11,7 +11,7 @@ buffers. Host memory therefore holds at most one checkpoint tensor besides the r
 
 Three on-disk forms:
   * an HF directory: config.json + model.safetensors (or model.safetensors.index.json + shards),
-    optionally `linear_spec_lora/` (the PEFT draft adapter, spec §2.3) and tokenizer files;
+    optionally `linear_spec_lora/` (the PEFT draft adapter, docs/model.md §2.3) and tokenizer files;
   * a converted directory (`save_converted`, scripts/convert_checkpoint.py): orbax params that
     restore onto any mesh, plus config.json and the tokenizer files;
   * `export_hf` writes an HF directory back (for PyTorch users of weights trained here).
@@ -88,8 +88,8 @@ KEY_TABLE: tuple[KeyRule, ...] = (
 
 
 def lora_rules(targets: Iterable[str]) -> tuple[KeyRule, ...]:
-  """PEFT names of an adapter on `targets` (spec §2.3): lora_A [r, in] -> a = A.T [in, r] and
-  lora_B [out, r] -> b = B.T [r, out], held by the adapted projection."""
+  """PEFT names of an adapter on `targets` (docs/model.md §2.3): lora_A [r, in] -> a = A.T [in, r]
+  and lora_B [out, r] -> b = B.T [r, out], held by the adapted projection."""
   return tuple(
       KeyRule(f"base_model.model.{{prefix}}.layers.{{i}}.{LORA_TARGETS[t]}.{t}.lora_{ab}.weight",
               ("encoder", "layers", LORA_TARGETS[t], t, f"lora_{ab.lower()}"), True, True)
@@ -273,8 +273,9 @@ def model_from_tensors(cfg: ModelConfig, get_tensor: Callable[[str], np.ndarray]
                        mesh=None) -> NLDModel:
   """Builds an NLDModel from HF-named tensors fetched one at a time by `get_tensor(key)`.
 
-  With `lora`, `keys` may also hold the adapter's PEFT keys (spec §2.3, all layers); without them
-  the adapter is zero (identity). At most one checkpoint tensor is held besides the result.
+  With `lora`, `keys` may also hold the adapter's PEFT keys (docs/model.md §2.3, all layers);
+  without them the adapter is zero (identity). At most one checkpoint tensor is held besides the
+  result.
   """
   keys = list(keys)
   naming = detect_naming(keys)
@@ -598,7 +599,7 @@ def _export_entries(state, entries: Mapping[str, tuple[KeyRule, int | None]], dt
 
 def write_peft_adapter(model: NLDModel, adapter_dir: Path, *, naming: str = "nld",
                        base_model_name_or_path: str | None = None) -> None:
-  """Writes the model's adapter in PEFT format (spec §2.3) into the existing `adapter_dir`:
+  """Writes the model's adapter in PEFT format (docs/model.md §2.3) into the existing `adapter_dir`:
   adapter_config.json and adapter_model.safetensors (fp32 factors, key table order)."""
   _, state = nnx.split(model)
   write_safetensors(adapter_dir / ADAPTER_WEIGHTS,

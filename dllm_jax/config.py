@@ -342,7 +342,7 @@ def _check_fields(values: Mapping[str, Any],
       fail("original_max_position_embeddings", f"{name('llama_4_scaling_beta')} needs it")
 
 
-# --- presets (spec §1.2 / §1.3) -------------------------------------------------------------------
+# --- presets (docs/model.md §1.2 / §1.3) ----------------------------------------------------------
 
 _NLD_COMMON = dict(
     vocab_size=131072, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,

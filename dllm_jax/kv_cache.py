@@ -2,8 +2,8 @@
 
 k[i], v[i]: layer i's [batch, max_len, kv_heads, head_dim]; lengths: [batch] int32. Row b's valid
 entries are slots 0 .. lengths[b]-1 and slot s holds absolute position s. Keys are stored post-RoPE
-and unscaled (spec §3.5). "Crop" only moves `lengths` back: stale slots beyond it are masked out and
-overwritten by the next append.
+and unscaled (docs/model.md §3.5). "Crop" only moves `lengths` back: stale slots beyond it are
+masked out and overwritten by the next append.
 
 Each layer owns its buffers (no stacked [layers, ...] array) so that a layer's attention, XLA or a
 Pallas/Triton kernel, takes its cache as a whole buffer: a slice of a stacked cache fed to a kernel

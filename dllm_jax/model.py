@@ -7,14 +7,14 @@ holds its adapter factors `lora_a` / `lora_b`. Every layer is its own module wit
 buffers (`encoder.layers[i]`), read in place by the forward. Parameters carry logical axis names in
 their `axes` metadata for dllm_jax.sharding.
 
-One forward serves every decoding mode (spec §4); `pattern` picks the attention pattern, decided
-once per forward (`attention_pattern`), and what happens to the cache:
+One forward serves every decoding mode (docs/model.md §4); `pattern` picks the attention pattern,
+decided once per forward (`attention_pattern`), and what happens to the cache:
   "causal"         with a cache: K/V appended at each row's length, causal attention over the
                    cache. Without: plain causal attention over the input.
   "bidirectional"  with a cache: the input block attends to the read-only cached prefix and
                    bidirectionally to itself; the cache is returned unchanged (unless `append`).
                    Without: full bidirectional attention.
-  "block_diff"     training dual stream [noisy ; clean] (spec §4.4), no cache.
+  "block_diff"     training dual stream [noisy ; clean] (docs/model.md §4.4), no cache.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class LoRAConfig:
     return self.alpha / self.rank
 
 
-# --- RoPE (spec §3.5, §3.6) -------------------------------------------------------------------
+# --- RoPE (docs/model.md §3.5, §3.6) --------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
@@ -113,7 +113,8 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, attention_factor: float, dtype):
-  """cos/sin [B, T, head_dim] for integer positions [B, T]: fp32 angles, cast to `dtype` (spec §3.5)."""
+  """cos/sin [B, T, head_dim] for integer positions [B, T]: fp32 angles, cast to `dtype`
+  (docs/model.md §3.5)."""
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
   angles = jnp.concatenate([angles, angles], axis=-1)  # duplicated halves (rotate-half layout)
   return ((jnp.cos(angles) * attention_factor).astype(dtype),
@@ -143,8 +144,8 @@ def _normal(rngs, shape, dtype):
 class Linear(nnx.Module):
   """y = x @ kernel, kernel [in, out]; no bias anywhere in NLD.
 
-  With `lora`, the module also holds a low-rank adapter (spec §2.3): fp32 `lora_a` [in, r] and
-  `lora_b` [r, out], both nnx.LoRAParam. As PEFT initialises a fresh adapter, `lora_a` is
+  With `lora`, the module also holds a low-rank adapter (docs/model.md §2.3): fp32 `lora_a` [in, r]
+  and `lora_b` [r, out], both nnx.LoRAParam. As PEFT initialises a fresh adapter, `lora_a` is
   kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)), and `lora_b` is zero, so an
   untrained adapter changes nothing while both factors still get gradients. The factors' logical
   axes extend the kernel's, so they shard along with it.
@@ -189,7 +190,8 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """fp32 statistics, normalised value cast back to the activation dtype, then scaled (spec §3.3)."""
+  """fp32 statistics, normalised value cast back to the activation dtype, then scaled (docs/model.md
+  §3.3)."""
 
   def __init__(self, dim, eps, *, param_dtype):
     self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",))

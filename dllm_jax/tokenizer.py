@@ -2,8 +2,8 @@
 
 Chat prompts are rendered with the checkpoint's own template and tokenized without adding special
 tokens, as transformers' `apply_chat_template` does; for NLD instruct checkpoints this gives the
-spec §7.2 layout (empty system turn, no BOS, ids 10/11 around turns, the think pair). Raw text
-(base models) gets the BOS the tokenizer config asks for.
+docs/model.md §7.2 layout (empty system turn, no BOS, ids 10/11 around turns, the think pair). Raw
+text (base models) gets the BOS the tokenizer config asks for.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ class TextTokenizer:
     return self.encode_raw(example["text"])
 
   def end_think_token_id(self) -> int | None:
-    """The `</think>` id when it is a single token of the vocabulary (spec §5.4), else None."""
+    """The `</think>` id when it is a single token of the vocabulary (docs/model.md §5.4), else
+    None."""
     return self.token_to_id(THINK_END)
 
 

@@ -98,7 +98,7 @@ def _key_intervals(st: _Static, t, base):
     return zero, base + t, zero, zero
   if st.pattern in ("prefix", "bidirectional"):  # base = number of visible cache slots
     return zero, zero + base, zero, zero
-  n, bs = st.num_queries // 2, st.diff_block  # block_diff over [noisy ; clean], spec §4.4
+  n, bs = st.num_queries // 2, st.diff_block  # block_diff over [noisy ; clean], docs/model.md §4.4
   noisy = t < n
   start = lax.div(t, bs) * bs  # noisy query's own block start (t < n)
   lo1 = jnp.where(noisy, start, n)

@@ -195,12 +195,12 @@ def run_torch_case(models: Models, mode: str, batch: int, threshold: float | Non
     label = "transformers generate"
     run = lambda: tref.hf_generate(tm, ids, sub.max_new_tokens)
   elif mode == "diffusion":
-    label = "torch loop (spec §5.1)"
+    label = "torch loop (docs/model.md §5.1)"
     run = lambda: tref.block_diffusion_decode(
         tm, ids, sub.max_new_tokens, block_length=sub.block_length,
         mask_token_id=cfg.mask_token_id, threshold=threshold)
   else:
-    label = "torch loop (spec §5.3)"
+    label = "torch loop (docs/model.md §5.3)"
     run = lambda: tref.linear_spec_decode(
         tm, ids, sub.max_new_tokens, block_length=sub.block_length,
         mask_token_id=cfg.mask_token_id, threshold=threshold, lora=models.torch_lora)

@@ -142,8 +142,8 @@ def set_lora(model: NLDModel, a: np.ndarray, b: np.ndarray) -> None:
 
 # --- single forwards (the unit every decoding round is made of) -----------------------------------
 
-# kind -> (attention pattern, draft LoRA on): the forwards of spec §5. "ar" is a 1-token step; the
-# others run a whole block.
+# kind -> (attention pattern, draft LoRA on): the forwards of docs/model.md §5. "ar" is a 1-token
+# step; the others run a whole block.
 FORWARD_KINDS = {
     "ar": ("causal", False),
     "denoise": ("bidirectional", False),

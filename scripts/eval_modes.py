@@ -10,8 +10,8 @@ python scripts/eval_modes.py --checkpoint=/tmp/smollm2-drafter --prompts=prompts
 
 prompts.jsonl holds {"messages": [...]} (rendered with the checkpoint's chat template) or
 {"text": ...} lines. Greedy decoding; each configuration runs the same prompts in batches.
-Tokens per forward counts the prefill as the reference does for speculation (spec §5.3); the
-decode-only figure, the mean acceptance length per verify round and, per configuration, how many
+Tokens per forward counts the prefill as the reference does for speculation (docs/model.md §5.3);
+the decode-only figure, the mean acceptance length per verify round and, per configuration, how many
 outputs equal the AR output and the share of AR tokens reproduced position by position are printed
 beside it (speculation is exact by construction; diffusion is not).
 """

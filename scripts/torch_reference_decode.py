@@ -1,12 +1,13 @@
-"""Straightforward PyTorch transcriptions of the NLD decoding loops (spec §5) on transformers models.
+"""Straightforward PyTorch transcriptions of the NLD decoding loops (docs/model.md §5) on
+transformers models.
 
 These are the like-for-like baselines for scripts/bench.py: eager Python loops over a transformers
 `Ministral3ForCausalLM` / `LlamaForCausalLM` with a `DynamicCache`, written the way the reference
 `generate` / `ar_generate` / `linear_spec_generate` methods are, greedy (temperature 0) only.
 
-The reference's "diffusion mode against a read-only cache" (spec §4.1/§4.3) is reproduced by running
-the block with an all-visible 4-D mask against the cache and cropping the cache back afterwards:
-the block sees the whole prefix and itself, and the cache ends as it began.
+The reference's "diffusion mode against a read-only cache" (docs/model.md §4.1/§4.3) is reproduced
+by running the block with an all-visible 4-D mask against the cache and cropping the cache back
+afterwards: the block sees the whole prefix and itself, and the cache ends as it began.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dllm_jax.config import ModelConfig
 class TorchDecodeResult:
   """Generated tokens [batch, n] (prompt excluded), forward counts and wall-clock seconds."""
   tokens: np.ndarray
-  nfe: int  # forwards counted as the reference counts them (spec §5)
+  nfe: int  # forwards counted as the reference counts them (docs/model.md §5)
   forwards: int  # every backbone forward, prefill included
   seconds: float  # the whole call
   prefill_seconds: float | None  # None where the call does not expose it (transformers generate)
@@ -90,7 +91,7 @@ def random_torch_model(cfg: ModelConfig, *, dtype=torch.float32,
 
 @dataclasses.dataclass(frozen=True)
 class TorchLoRA:
-  """The draft adapter (spec §2.3) as per-layer tensors on the model's device and dtype."""
+  """The draft adapter (docs/model.md §2.3) as per-layer tensors on the model's device and dtype."""
   a: list[torch.Tensor]  # per layer [heads*head_dim, rank]
   b: list[torch.Tensor]  # per layer [rank, hidden]
   scale: float
@@ -152,7 +153,7 @@ def _is_eos(tokens: torch.Tensor, eos: Sequence[int]) -> torch.Tensor:
   return torch.isin(tokens, torch.tensor(list(eos), device=tokens.device))
 
 
-# --- spec §5.2: autoregressive ------------------------------------------------------------------
+# --- docs/model.md §5.2: autoregressive -----------------------------------------------------------
 
 @torch.inference_mode()
 def ar_decode(model, prompt: torch.Tensor, max_new_tokens: int,
@@ -179,10 +180,10 @@ def ar_decode(model, prompt: torch.Tensor, max_new_tokens: int,
                            seconds=t2 - t0, prefill_seconds=t1 - t0)
 
 
-# --- spec §5.1: block diffusion -----------------------------------------------------------------
+# --- docs/model.md §5.1: block diffusion ----------------------------------------------------------
 
 def transfer_schedule(masked: int, steps: int) -> list[int]:
-  """floor(M/B) per step, plus one for the first M mod B steps (spec §5.1 c)."""
+  """floor(M/B) per step, plus one for the first M mod B steps (docs/model.md §5.1 c)."""
   base, rem = divmod(masked, steps)
   return [base + (1 if i < rem else 0) for i in range(steps)]
 
@@ -204,7 +205,7 @@ def _select(conf: torch.Tensor, masked: torch.Tensor, threshold: float | None,
 def block_diffusion_decode(model, prompt: torch.Tensor, max_new_tokens: int, *,
                            block_length: int, mask_token_id: int, threshold: float | None,
                            eos_token_ids: Sequence[int] = ()) -> TorchDecodeResult:
-  """Greedy block diffusion with causal context (spec §5.1): denoise each block against the
+  """Greedy block diffusion with causal context (docs/model.md §5.1): denoise each block against the
   read-only cache until no MASK remains, then commit it with one causal forward."""
   if max_new_tokens % block_length:
     raise ValueError(f"max_new_tokens={max_new_tokens} is not a multiple of "
@@ -227,7 +228,7 @@ def block_diffusion_decode(model, prompt: torch.Tensor, max_new_tokens: int, *,
       nfe += 1
       logits = _diffusion(model, block, cache)
       candidates = logits.argmax(-1)
-      # Confidence in the logits' dtype, without temperature (spec §5.1 d).
+      # Confidence in the logits' dtype, without temperature (docs/model.md §5.1 d).
       probs = torch.softmax(logits, dim=-1)
       conf = torch.gather(probs, -1, candidates[..., None])[..., 0]
       conf = torch.where(masked, conf, torch.full_like(conf, -torch.inf))
@@ -260,22 +261,23 @@ def _eos_ends_block(block: torch.Tensor, mask_token_id: int, eos: Sequence[int])
 
 
 def _truncate_after_eos(tokens: torch.Tensor, eos: Sequence[int]) -> torch.Tensor:
-  """If every row has an EOS, keep up to the latest first-EOS over rows (spec §5.1 f)."""
+  """If every row has an EOS, keep up to the latest first-EOS over rows (docs/model.md §5.1 f)."""
   hits = _is_eos(tokens, eos)
   if not bool(hits.any(-1).all()):
     return tokens
   return tokens[:, :int(hits.int().argmax(-1).max()) + 1]
 
 
-# --- spec §5.3: linear self-speculation ---------------------------------------------------------
+# --- docs/model.md §5.3: linear self-speculation --------------------------------------------------
 
 @torch.inference_mode()
 def linear_spec_decode(model, prompt: torch.Tensor, max_new_tokens: int, *, block_length: int,
                        mask_token_id: int, threshold: float = 0.0,
                        eos_token_ids: Sequence[int] = (),
                        lora: TorchLoRA | None = None) -> TorchDecodeResult:
-  """Greedy linear self-speculation (spec §5.3), batch 1: draft a block in diffusion mode (with the
-  draft LoRA), verify it with one causal forward, keep the matching prefix plus the bonus token.
+  """Greedy linear self-speculation (docs/model.md §5.3), batch 1: draft a block in diffusion mode
+  (with the draft LoRA), verify it with one causal forward, keep the matching prefix plus the bonus
+  token.
 
   lora: the draft adapter, or None to draft with the base weights.
   """

@@ -1,4 +1,5 @@
-"""A float64 numpy transcription of NLD's attention masks (spec §4), the oracle for kernel tests.
+"""A float64 numpy transcription of NLD's attention masks (docs/model.md §4), the oracle for kernel
+tests.
 
 Independent of dllm_jax: written from the mask definitions, with an explicit loop per query.
 """

@@ -1,7 +1,7 @@
 """Builds tiny NLD-format HF checkpoints from a transformers Ministral3ForCausalLM.
 
 The writer here is the reference safetensors library (via torch), independent of the reader under
-test; the tensors, the PEFT adapter keys and the config follow spec §2.
+test; the tensors, the PEFT adapter keys and the config follow docs/model.md §2.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def ministral3(cfg: ModelConfig, seed: int = 0) -> transformers.Ministral3ForCau
 
 
 def nld_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-  """The HF state dict renamed to NLD keys (spec §2.2): model.* -> encoder.*, lm_head -> diffusion_head."""
+  """The HF state dict renamed to NLD keys (docs/model.md §2.2): model.* -> encoder.*, lm_head ->
+  diffusion_head."""
   out = {}
   for key, value in model.state_dict().items():
     key = key.replace("model.", "encoder.", 1) if key.startswith("model.") else key
@@ -80,7 +81,8 @@ def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
 
 def lora_tensors(cfg: ModelConfig, rank: int, seed: int = 1,
                  targets: tuple[str, ...] = ("o_proj",)) -> dict[str, torch.Tensor]:
-  """PEFT-named fp32 factors (spec §2.3): lora_A [r, in], lora_B [out, r], both non-zero."""
+  """PEFT-named fp32 factors (docs/model.md §2.3): lora_A [r, in], lora_B [out, r], both
+  non-zero."""
   g = torch.Generator().manual_seed(seed)
   shapes = projection_shapes(cfg)
   out = {}

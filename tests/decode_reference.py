@@ -1,14 +1,15 @@
-"""Plain-Python transcriptions of the reference decoding loops (spec §5.1-5.3), batch size 1.
+"""Plain-Python transcriptions of the reference decoding loops (docs/model.md §5.1-5.3), batch size
+1.
 
-Written from the spec loop by loop, with Python lists and numpy; the only shared pieces with the
-engine are the model forward and the definition of the random noise (the same draws must be used
-to compare sampled outputs). Forward calls are jitted for speed but issued one by one, exactly
-where the reference issues them, each with its own cache update or crop.
+Written from docs/model.md §5 loop by loop, with Python lists and numpy; the only shared pieces with
+the engine are the model forward and the definition of the random noise (the same draws must be used
+to compare sampled outputs). Forward calls are jitted for speed but issued one by one, exactly where
+the reference issues them, each with its own cache update or crop.
 
 Sampling: greedy = argmax; with temperature T the reference's float64 Gumbel-max
-argmax exp(l) / (-log u)^T (spec §5.1), also used for the `multinomial` draws of §5.2/§5.3, with
-u = uniform(fold_in(fold_in(PRNGKey(seed), event), row 0)) and the event numbers of the engine's
-documented sampling order.
+argmax exp(l) / (-log u)^T (docs/model.md §5.1), also used for the `multinomial` draws of §5.2/§5.3,
+with u = uniform(fold_in(fold_in(PRNGKey(seed), event), row 0)) and the event numbers of the
+engine's documented sampling order.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def first_index(xs: list[int], value: int) -> int | None:
 def block_diffusion(model: Eager, prompt, *, max_new_tokens, block_length, threshold, temperature,
                     seed, eos, max_thinking_tokens, end_think, cache_len, pad_to, mask_id,
                     causal_context=True):
-  """spec §5.1. Returns (generated ids, nfe).
+  """docs/model.md §5.1. Returns (generated ids, nfe).
 
   causal_context=False: the prefill runs bidirectionally (still writing the cache), no seed is
   used, every block starts all-MASK and is committed by a bidirectional forward (step 2e: the
@@ -144,7 +145,7 @@ def block_diffusion(model: Eager, prompt, *, max_new_tokens, block_length, thres
 
 def autoregressive(model: Eager, prompt, *, max_new_tokens, temperature, seed, eos,
                    max_thinking_tokens, end_think, cache_len, pad_to):
-  """spec §5.2. Returns (generated ids, nfe)."""
+  """docs/model.md §5.2. Returns (generated ids, nfe)."""
   cache = KVCache.init(model.cfg, 1, cache_len)
   logits, cache = model.prefill(prompt, cache, pad_to)
   logit = logits[-1:]
@@ -167,7 +168,7 @@ def autoregressive(model: Eager, prompt, *, max_new_tokens, temperature, seed, e
 def self_speculation(model: Eager, prompt, *, max_new_tokens, block_length, threshold,
                      temperature, seed, eos, max_thinking_tokens, end_think, cache_len, pad_to,
                      mask_id, lora):
-  """spec §5.3. Returns (generated ids, nfe, acceptance lengths).
+  """docs/model.md §5.3. Returns (generated ids, nfe, acceptance lengths).
 
   Two documented deviations of the engine are transcribed: the draft loop stops after B forwards,
   and a forced end-think seed replaces the bonus token it follows in the output.

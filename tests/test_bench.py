@@ -1,4 +1,5 @@
-"""The benchmark harness: its PyTorch baselines decode as spec §5 says, and a smoke run reports.
+"""The benchmark harness: its PyTorch baselines decode as docs/model.md §5 says, and a smoke run
+reports.
 
 Timings are never asserted: only that the harness runs and that its report has every field.
 """

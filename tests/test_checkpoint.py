@@ -111,8 +111,8 @@ def test_dtypes_and_tokenizer_dir(ckpts):
 # --- the draft LoRA -----------------------------------------------------------------------------------
 
 def _draft_reference(torch_model, adapter_file: Path, targets=("o_proj",)):
-  """The reference model with W + scale * B A merged in numpy for every target (spec §2.3), and
-  the merged weights [out, in] by transformers key."""
+  """The reference model with W + scale * B A merged in numpy for every target (docs/model.md §2.3),
+  and the merged weights [out, in] by transformers key."""
   adapter = safetensors.torch.load_file(adapter_file)
   merged = {}
   for i in range(CFG.num_layers):

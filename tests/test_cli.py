@@ -62,11 +62,12 @@ def test_each_mode_end_to_end(ckpt, tmp_path, config, mode, extra):
   s = parse_stats(proc.stderr)
   gen, nfe = int(s["gen"]), int(s["nfe"])
   assert s["mode"] == mode
-  # spec may overshoot by up to block - 1 tokens (spec §5.3); the others stop at max_new_tokens.
+  # spec may overshoot by up to block - 1 tokens (docs/model.md §5.3); the others stop at
+  # max_new_tokens.
   assert 1 <= gen <= new + (block - 1 if mode == "spec" else 0)
   assert float(s["tpf"]) == pytest.approx(gen / nfe, abs=0.006)
   if mode == "ar":
-    assert nfe == gen  # one forward per token, prefill not counted (spec §5.2)
+    assert nfe == gen  # one forward per token, prefill not counted (docs/model.md §5.2)
   if mode == "diffusion":
     assert nfe >= 2 * (gen // block)  # at least one denoise step + one commit per block
   record = json.loads(out.read_text())
@@ -79,7 +80,7 @@ def test_each_mode_end_to_end(ckpt, tmp_path, config, mode, extra):
     assert record["prompt_ids"][0] == 10 and 1 not in record["prompt_ids"]  # chat: no BOS
   if "--config.enable_thinking=True" in extra:
     assert record["prompt_ids"][-1] == 12  # open <think> only
-    # The thinking budget forces </think> once 4 tokens are out (spec §5.3 h).
+    # The thinking budget forces </think> once 4 tokens are out (docs/model.md §5.3 h).
     assert 13 in record["tokens"] or 11 in record["tokens"][:5]
   elif not config.endswith("_base.py"):
     assert record["prompt_ids"][-2:] == [12, 13]  # empty think pair

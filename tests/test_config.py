@@ -1,4 +1,4 @@
-"""ModelConfig parsing (spec §1), presets and parameter counts from abstract shapes."""
+"""ModelConfig parsing (docs/model.md §1), presets and parameter counts from abstract shapes."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 from dllm_jax.config import ModelConfig, PRESETS, preset
 from dllm_jax.model import param_count
 
-# The NLD 14B instruct config.json as published (spec §1.2), as transformers 5 writes it.
+# The NLD 14B instruct config.json as published (docs/model.md §1.2), as transformers 5 writes it.
 NLD_14B_CONFIG = json.loads("""{
   "architectures": ["NemotronLabsDiffusionModel"], "model_type": "nemotron_labs_diffusion",
   "hidden_size": 5120, "num_hidden_layers": 40, "intermediate_size": 16384,
@@ -26,7 +26,7 @@ NLD_14B_CONFIG = json.loads("""{
 
 def test_nested_rope_theta_wins_over_top_level_mirror():
   cfg = ModelConfig.from_hf_config(NLD_14B_CONFIG)
-  assert cfg.rope_theta == 1e9  # the top-level 1e6 mirror must not leak in (spec §9.2 item 2)
+  assert cfg.rope_theta == 1e9  # no leak of the top-level 1e6 mirror (docs/model.md §9.2 item 2)
   assert cfg == preset("nld-14b")
 
 

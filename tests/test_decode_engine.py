@@ -37,7 +37,7 @@ def test_batched_rows_equal_rows_alone(model, settings):
 
 def _same_as_greedy(spec_tokens, ar_tokens):
   """Speculation emits the greedy AR sequence; it may overshoot max_new_tokens by up to B - 1
-  tokens (spec §5.3), never past an EOS."""
+  tokens (docs/model.md §5.3), never past an EOS."""
   if ar_tokens[-1] == EOS:
     return spec_tokens == ar_tokens
   return spec_tokens[:len(ar_tokens)] == ar_tokens and len(spec_tokens) < N + 8
@@ -135,12 +135,13 @@ def test_argument_errors(model):
 
 
 def test_threshold_is_compared_in_the_confidence_dtype():
-  # bf16(0.9) = 0.8984375: a bf16 confidence of exactly that clears tau = 0.9 (spec §9.2 item 4).
+  # bf16(0.9) = 0.8984375: a bf16 confidence of exactly that clears tau = 0.9 (docs/model.md §9.2
+  # item 4).
   conf = jnp.array([[0.8984375, 0.5, 0.89453125, 0.2]], jnp.bfloat16)
   is_mask = jnp.array([[True, True, True, False]])
   got = select_threshold(conf, is_mask, jnp.float32(0.9))
   assert got.tolist() == [[True, False, False, False]]
-  # Exactly one guaranteed commit even on ties, none outside the mask (spec §9.2 item 5).
+  # Exactly one guaranteed commit even on ties, none outside the mask (docs/model.md §9.2 item 5).
   conf = jnp.array([[0.3, 0.3, -jnp.inf]], jnp.float32)
   got = select_threshold(conf, jnp.array([[True, True, False]]), jnp.float32(0.9))
   assert got.tolist() == [[True, False, False]]

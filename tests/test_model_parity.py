@@ -1,4 +1,5 @@
-"""Logit parity with transformers' Ministral3ForCausalLM on the same random weights (spec §3, §4)."""
+"""Logit parity with transformers' Ministral3ForCausalLM on the same random weights (docs/model.md
+§3, §4)."""
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +88,7 @@ def test_diffusion_block_against_cached_prefix(pair):
   prefix, block = 21, 8
   ids = rng.integers(0, 128, (2, prefix + block))
   # Reference: one transformers pass with a custom 4-D mask: causal over the prefix, and every
-  # block query sees the whole prefix and the whole block (spec §4.3).
+  # block query sees the whole prefix and the whole block (docs/model.md §4.3).
   total = prefix + block
   allowed = np.tril(np.ones((total, total), bool))
   allowed[prefix:, :] = True

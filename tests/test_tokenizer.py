@@ -1,4 +1,5 @@
-"""TextTokenizer: chat layout of spec §7.2 on a hand-made NLD-shaped tokenizer, raw text, streaming."""
+"""TextTokenizer: chat layout of docs/model.md §7.2 on a hand-made NLD-shaped tokenizer, raw text,
+streaming."""
 
 import json
 
@@ -20,7 +21,7 @@ def _ids(tok, words):
 
 
 def test_chat_layout_matches_spec(tok):
-  """Empty system turn, no BOS, 10/11 around turns, empty think pair (spec §7.2)."""
+  """Empty system turn, no BOS, 10/11 around turns, empty think pair (docs/model.md §7.2)."""
   user = "what is the sea ?"
   ids = tok.encode_chat([{"role": "user", "content": user}])
   nl, = _ids(tok, ["\n"])

@@ -175,7 +175,8 @@ TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")
 
 
 def test_peft_adapter_export_loads_back(tmp_path):
-  """Adapters on several targets: PEFT names and shapes as spec §2.3, and a bit-exact reload."""
+  """Adapters on several targets: PEFT names and shapes as docs/model.md §2.3, and a bit-exact
+  reload."""
   lora = LoRAConfig(4, 16, targets=TARGETS)
   model = NLDModel(CFG, lora=lora, rngs=nnx.Rngs(0))
   for i, (_, _, linear) in enumerate(lora_linears(model)):
@@ -193,7 +194,7 @@ def test_peft_adapter_export_loads_back(tmp_path):
   tensors = load_file(str(base_dir / LORA_DIR / "adapter_model.safetensors"))
   q_width, d, f = CFG.num_heads * CFG.head_dim, CFG.hidden_size, CFG.intermediate_size
   widths = {"q_proj": (d, q_width), "v_proj": (d, CFG.num_kv_heads * CFG.head_dim),
-            "o_proj": (q_width, d), "down_proj": (f, d)}  # (in, out), written out from the spec
+            "o_proj": (q_width, d), "down_proj": (f, d)}  # (in, out), from docs/model.md §2.3
   assert len(tensors) == 2 * len(TARGETS) * CFG.num_layers
   for target, (d_in, d_out) in widths.items():
     module = "mlp" if target == "down_proj" else "self_attn"

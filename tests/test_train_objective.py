@@ -1,5 +1,5 @@
-"""The training objective against plain-numpy transcriptions of spec §6 and the block_diff forward
-against the decoding forwards it must agree with (spec §4.4)."""
+"""The training objective against plain-numpy transcriptions of docs/model.md §6 and the block_diff
+forward against the decoding forwards it must agree with (docs/model.md §4.4)."""
 
 import jax
 import jax.numpy as jnp

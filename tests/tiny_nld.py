@@ -1,7 +1,7 @@
 """A tiny random NLD checkpoint directory for tokenizer and CLI tests, built from scratch.
 
-The tokenizer mirrors the NLD instruct layout of spec §7: ids 0/1/2 = <unk>/<s>/</s>, 10/11 =
-start/end of turn, 12/13 = <think>/</think>, 100 = [MASK]; a word-level vocabulary fills the rest.
+The tokenizer mirrors the NLD instruct layout of docs/model.md §7: ids 0/1/2 = <unk>/<s>/</s>, 10/11
+= start/end of turn, 12/13 = <think>/</think>, 100 = [MASK]; a word-level vocabulary fills the rest.
 The chat template is ChatML-shaped like the NLD one: an empty system turn when none is given, no
 BOS, and an empty think pair after the generation prompt unless thinking is enabled.
 """

@@ -1,8 +1,8 @@
 """The three NLD decoding modes as compiled JAX programs: `generate(model, prompts, settings)`.
 
-  AR()         autoregressive (spec §5.2)
-  Diffusion()  block diffusion with a causal commit per block (spec §5.1)
-  Spec()       linear self-speculation: diffusion draft (LoRA on), causal verify (spec §5.3)
+  AR()         autoregressive (docs/model.md §5.2)
+  Diffusion()  block diffusion with a causal commit per block (docs/model.md §5.1)
+  Spec()       linear self-speculation: diffusion draft, LoRA on; causal verify (docs/model.md §5.3)
 (dllm_jax.decode.settings: each with its own knobs, defaults and checks).
 
 Prompts of any lengths share one batch: they are right-padded to a power-of-two bucket and every

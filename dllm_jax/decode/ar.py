@@ -1,4 +1,4 @@
-"""Autoregressive decoding (spec §5.2), batched with per-row EOS.
+"""Autoregressive decoding (docs/model.md §5.2), batched with per-row EOS.
 
 Sampling event e is token e of every row (event 0 samples from the prefill logits). NFE per row =
 number of tokens it generated (the reference counts the sampling steps, not the prefill).

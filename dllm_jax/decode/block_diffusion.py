@@ -1,4 +1,4 @@
-"""Block diffusion decoding (spec §5.1), batched with per-row EOS.
+"""Block diffusion decoding (docs/model.md §5.1), batched with per-row EOS.
 
 One `step` is one block for every running row: build [seed, MASK, ...] (all MASK with
 causal_context=False, whose prefill was bidirectional), apply the thinking budget,
@@ -95,7 +95,7 @@ def step(ctx: Ctx, c: dict) -> dict:
   size, k, live = s.block_length, c["block"], ~c["done"]
   batch = live.shape[0]
   x = jnp.full((batch, size), s.mask_id, jnp.int32)
-  if s.causal_context:  # without it the block starts all-MASK (spec §5.1 step 2a)
+  if s.causal_context:  # without it the block starts all-MASK (docs/model.md §5.1 step 2a)
     x = x.at[:, 0].set(c["seed"])
   x = _inject_end_think(ctx, x, k, c["seen"])
   x, nfe = _denoise(ctx, c["cache"], x, live, k, c["nfe"])
@@ -105,7 +105,7 @@ def step(ctx: Ctx, c: dict) -> dict:
     event = 1 + k * (size + 1) + size
     seed = choose_tokens(logits[:, -1:], ctx.temperature, ctx.seed_key, event,
                          greedy=s.greedy)[:, 0]
-  else:  # the commit's mask is causal iff causal_context (spec §5.1 step 2e); no seed is used
+  else:  # the commit's mask is causal iff causal_context (docs/model.md §5.1 step 2e), no seed
     _, cache = ctx.model(x, pattern="bidirectional", cache=c["cache"], n_new=n_new, append=True)
     seed = c["seed"]
   old = jax.lax.dynamic_slice_in_dim(c["out"], k * size, size, axis=1)

@@ -79,8 +79,8 @@ class GenerateResult:
   """Per-row outputs and statistics of one `generate` call.
 
   tokens: generated ids per row, cut after the row's first EOS (inclusive).
-  nfe: forward calls per row counted as the reference counts them (spec §5: the prefill counts in
-    "spec" mode only). decode_nfe: the same without the prefill.
+  nfe: forward calls per row counted as the reference counts them (docs/model.md §5: the
+    prefill counts in "spec" mode only). decode_nfe: the same without the prefill.
   tokens_per_forward: len(tokens) / nfe; decode_tokens_per_forward: len(tokens) / decode_nfe.
   accepted_lengths: "spec" mode only: per row, the acceptance length (matched drafts + 1 bonus) of
     every verify round, before EOS truncation.

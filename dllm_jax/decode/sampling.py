@@ -1,10 +1,11 @@
-"""Token choice and commit selection shared by the three decoding modes (spec §5, §9.2 items 4-5).
+"""Token choice and commit selection shared by the three decoding modes (docs/model.md §5, §9.2
+items 4-5).
 
 Randomness: every sampling event draws U(0,1) noise from `event_key(seed, event, row)`, so a row's
 noise depends only on (seed, event number, row index) and never on the batch size. A draw is the
 Gumbel-max argmax over v of logits_v / T - log(-log u_v), which selects the same token as the
-reference's float64 `exp(l) / (-log u)^T` (spec §5.1) and is a sample from softmax(logits / T)
-(the reference's `multinomial` in §5.2/§5.3).
+reference's float64 `exp(l) / (-log u)^T` (docs/model.md §5.1) and is a sample from softmax(logits /
+T) (the reference's `multinomial` in §5.2/§5.3).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def token_confidence(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   """p(token) under softmax(logits), rounded to the logits dtype, [B, T].
 
   The reference takes this softmax on bf16 logits; torch accumulates it in fp32 and rounds the
-  probabilities to bf16, which is what decides the threshold commits (spec §9.2 item 4), so the
-  same rounding happens here. With fp32 logits it is the plain fp32 softmax.
+  probabilities to bf16, which is what decides the threshold commits (docs/model.md §9.2 item 4), so
+  the same rounding happens here. With fp32 logits it is the plain fp32 softmax.
   """
   p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
   return jnp.take_along_axis(p, tokens[..., None], axis=-1)[..., 0]
@@ -58,7 +59,8 @@ def select_threshold(conf: jax.Array, is_mask: jax.Array, threshold: jax.Array) 
 
   `conf` is already -inf off the mask. The threshold is compared in the confidence dtype, as torch
   does when it compares a bf16 tensor with a Python float (0.9 -> 0.8984375 in bf16). Exactly one
-  guaranteed position per row (the first on ties), never an epsilon band (spec §9.2 item 5).
+  guaranteed position per row (the first on ties), never an epsilon band (docs/model.md §9.2 item
+  5).
   """
   top1 = jax.nn.one_hot(jnp.argmax(conf, axis=-1), conf.shape[-1], dtype=jnp.bool_)
   return is_mask & (top1 | (conf >= threshold.astype(conf.dtype)))

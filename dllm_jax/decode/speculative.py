@@ -1,4 +1,4 @@
-"""Linear self-speculation (spec §5.3), batched: rows accept different lengths.
+"""Linear self-speculation (docs/model.md §5.3), batched: rows accept different lengths.
 
 One `step` is one round for every running row: draft the block [seed, MASK, ...] in diffusion mode
 (draft LoRA on), verify it with one causal forward (LoRA off) that appends all B tokens, accept the

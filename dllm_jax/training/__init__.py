@@ -1,6 +1,6 @@
-"""Fine-tuning NLD models: the joint AR + diffusion objective (spec §6), the draft-LoRA objective,
-optax AdamW with a warmup-stable-decay schedule, packed jsonl data, orbax checkpoints with exact
-resume, and PEFT adapter export. `scripts/train.py` drives it from a config file."""
+"""Fine-tuning NLD models: the joint AR + diffusion objective (docs/model.md §6), the draft-LoRA
+objective, optax AdamW with a warmup-stable-decay schedule, packed jsonl data, orbax checkpoints
+with exact resume, and PEFT adapter export. `scripts/train.py` drives it from a config file."""
 
 from dllm_jax.training.checkpointing import CheckpointStore
 from dllm_jax.training.data import PackedDataset

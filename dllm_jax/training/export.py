@@ -1,5 +1,5 @@
-"""Export of a trained adapter: in PEFT format (spec §2.3), as the NLD repos ship the draft LoRA, or
-merged into the base weights when it was trained as a fine-tuning delta."""
+"""Export of a trained adapter: in PEFT format (docs/model.md §2.3), as the NLD repos ship the draft
+LoRA, or merged into the base weights when it was trained as a fine-tuning delta."""
 
 from __future__ import annotations
 

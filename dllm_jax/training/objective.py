@@ -1,9 +1,9 @@
-"""NLD's training objectives (spec §6): the forward process and the four paradigms' losses.
+"""NLD's training objectives (docs/model.md §6): the forward process and the four paradigms' losses.
 
 Every loss function returns `(loss_sum, normaliser, metrics)` rather than a mean, so that gradient
-accumulation and data parallelism average over the global token count (spec §6.2: "returned as
-(sum, #masked tokens) for global token-count averaging"); the optimised loss is
-sum(loss_sum) / sum(normaliser) over all micro-batches of a step.
+accumulation and data parallelism average over the global token count (docs/model.md §6.2: "returned
+as (sum, #masked tokens) for global token-count averaging"); the optimised loss is sum(loss_sum) /
+sum(normaliser) over all micro-batches of a step.
 
 Paradigms:
   "block_diff"     the joint objective: [noisy ; clean] with the §4.4 mask; L_diff (weighted by 1/p,
@@ -11,8 +11,8 @@ Paradigms:
                    normaliser #masked + ar_loss_weight * n per sequence.
   "bidirectional"  L_diff only, plain bidirectional attention over the noisy sequence.
   "autoregressive" shifted cross-entropy on loss_mask positions, causal attention.
-  "draft"          the self-speculation draft (spec §5.3 at tau = 0): each block of the sequence
-                   is [first token, MASK ...] and attends to the clean prefix through a KV cache
+  "draft"          the self-speculation draft (docs/model.md §5.3 at tau = 0): each block of the
+                   sequence is [first token, MASK ...] and attends to the clean prefix through a KV cache
                    filled by a causal forward without the adapter, exactly as at inference; the
                    draft forward runs with the LoRA adapter when the model has one. Loss: CE on
                    the masked positions.
@@ -35,7 +35,7 @@ PARADIGMS = DLM_PARADIGMS  # the training objectives a checkpoint's dlm_paradigm
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """What to optimise; the defaults come from the model config (spec §6)."""
+  """What to optimise; the defaults come from the model config (docs/model.md §6)."""
   paradigm: str
   mask_token_id: int
   block_size: int
@@ -64,7 +64,7 @@ class Objective:
     return cls(**kw)
 
 
-# --- forward process (spec §6.1) ----------------------------------------------------------------
+# --- forward process (docs/model.md §6.1) ---------------------------------------------------------
 
 def forward_process(key: jax.Array, tokens: jax.Array, loss_mask: jax.Array, mask_token_id: int,
                     eps: float = 1e-3) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -82,7 +82,8 @@ def forward_process(key: jax.Array, tokens: jax.Array, loss_mask: jax.Array, mas
 
 def draft_corruption(tokens: jax.Array, loss_mask: jax.Array, mask_token_id: int,
                      block_size: int) -> tuple[jax.Array, jax.Array]:
-  """The linear-speculation draft input: every block position but the first is MASK (spec §5.3)."""
+  """The linear-speculation draft input: every block position but the first is MASK (docs/model.md
+  §5.3)."""
   n = tokens.shape[1]
   masked = ((jnp.arange(n) % block_size) != 0)[None, :] & (loss_mask > 0)
   return jnp.where(masked, mask_token_id, tokens), masked
