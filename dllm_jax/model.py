@@ -378,7 +378,9 @@ class NLDModel(nnx.Module):
     ks, vs = [], []
     for i, layer in enumerate(self.encoder.layers):
       kbuf, vbuf = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
-      h, kbuf, vbuf = layer(h, (cos, sin, qscale), attend, kbuf, vbuf, lora)
+      layer_def, layer_state = nnx.split(layer)
+      h, kbuf, vbuf = _run_layer(layer_def, attend, lora, layer_state, h, (cos, sin, qscale),
+                                 kbuf, vbuf)
       ks.append(kbuf)
       vs.append(vbuf)
     z = self.encoder.norm(h)
@@ -392,6 +394,14 @@ class NLDModel(nnx.Module):
       appended = jnp.full((b,), t, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
       cache = KVCache(tuple(ks), tuple(vs), offsets + appended)
     return logits, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _run_layer(layer_def, attend, lora, layer_state, h, rope, kbuf, vbuf):
+  """One decoder layer. Every layer has the same structure, so within one forward the layer is
+  traced and lowered once and reused: the program still reads each layer's own buffers (XLA
+  inlines the call), but tracing no longer grows with depth."""
+  return nnx.merge(layer_def, layer_state)(h, rope, attend, kbuf, vbuf, lora)
 
 
 def lora_linears(model: NLDModel) -> list[tuple[str, int, Linear]]:

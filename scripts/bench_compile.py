@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dllm_jax.checkpoint import write_text_atomic
+from dllm_jax.atomic_files import write_text_atomic
 from dllm_jax.config import preset
 from dllm_jax.decode import lower_programs, settings_for
 from dllm_jax.model import abstract_model

@@ -65,7 +65,7 @@ from flax import nnx
 
 from dllm_jax import bench_utils as bu
 from dllm_jax.decode import generate, settings_for
-from dllm_jax.checkpoint import write_text_atomic
+from dllm_jax.atomic_files import write_text_atomic
 from dllm_jax.config import ModelConfig, preset
 from dllm_jax.kv_cache import KVCache
 from dllm_jax.model import LoRAConfig, NLDModel, abstract_model, forward, with_attention_impl

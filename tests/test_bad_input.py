@@ -290,5 +290,5 @@ def test_bad_model_config_is_a_usage_error(tiny_checkpoint, tmp_path, name):
   case = _by_name(MODEL_CONFIG_CASES)[name]
   ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
   (ckpt / "config.json").write_text(json.dumps(case.mutate(copy.deepcopy(TINY_NLD_CONFIG))))
-  proc = run_generate("--config=configs/nld_8b.py", f"--config.checkpoint={ckpt}")
+  proc = run_generate("--config=configs/nld.py", f"--config.checkpoint={ckpt}")
   assert_usage_error(proc, f"config.json: {case.culprit}")
