@@ -30,6 +30,7 @@ import functools
 import json
 import os
 from pathlib import Path
+import re
 import shutil
 from typing import Any
 
@@ -43,8 +44,8 @@ from dllm_jax.config import ModelConfig
 from dllm_jax.errors import CheckpointError
 from dllm_jax.model import LORA_TARGETS, LoRAConfig, NLDModel, abstract_model
 from dllm_jax.safetensors_io import (NP_TO_ST, ST_FLOAT, ST_TO_HF_DTYPE, WEIGHTS_NAME, TensorInfo,
-                                     TensorReader, index_checkpoint, read_safetensors_header,
-                                     write_safetensors)
+                                     TensorReader, has_nonfinite, index_checkpoint,
+                                     read_safetensors_header, write_safetensors)
 
 LORA_DIR = "linear_spec_lora"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -159,6 +160,25 @@ def hf_tensor_shapes(cfg: ModelConfig, naming: str = "nld") -> dict[str, tuple[i
           for key, (rule, layer) in expected_hf_keys(cfg, naming).items()}
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _check_layer_count(found: Iterable[str], num_layers: int, where: str, claim: str) -> None:
+  """The layers the names hold (largest `layers.{i}` index + 1) against the config's count, before
+  any name is expanded from the config: an absurd count is one line, not a list to build.
+
+  claim: how the config's count is named, e.g. "config.json has num_hidden_layers".
+  """
+  top = max(((int(m.group(1)), key) for key in found if (m := _LAYER_INDEX.search(key))),
+            default=None)
+  held = 0 if top is None else top[0] + 1
+  if held != num_layers:
+    info = found.get(top[1]) if top is not None and isinstance(found, Mapping) else None
+    in_file = f" in {info.file.name}" if isinstance(info, TensorInfo) else ""
+    largest = f" (largest index: {top[1]!r}{in_file})" if top is not None else ""
+    raise CheckpointError(f"{where} holds {held} layers{largest}, but {claim}={num_layers}")
+
+
 def _check_key_sets(found: Iterable[str], expected: Mapping[str, Any], where: str) -> None:
   found_keys = set(found)
   missing = sorted(set(expected) - found_keys)
@@ -235,6 +255,21 @@ def _convert_fn(sharding, dtype, transpose: bool):
   return jax.jit(lambda x: (x.T if transpose else x).astype(dtype), out_shardings=sharding)
 
 
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+  return jnp.isfinite(x).all()
+
+
+def _array_has_nonfinite(x: jax.Array) -> bool:
+  """NaN/Inf anywhere in `x`, tested where it lives without copying it: the CPU backend's buffers
+  are host memory, read in place by the bit test (4-7x faster there than a reduction by XLA,
+  docs/checkpoints.md); on an accelerator one reduction runs on the device."""
+  shards = [s for s in x.addressable_shards if s.replica_id == 0]
+  if all(s.device.platform == "cpu" for s in shards):
+    return any(has_nonfinite(np.asarray(s.data)) for s in shards)
+  return not bool(_all_finite(x))
+
+
 def _checked(x: np.ndarray, rule: KeyRule, want: tuple[int, ...], key: str, where: str
              ) -> np.ndarray:
   """The HF tensor after checking its shape against the param shape `want` ([in, out] layout)."""
@@ -247,16 +282,34 @@ def _checked(x: np.ndarray, rule: KeyRule, want: tuple[int, ...], key: str, wher
 def _fill_state(state, entries: Mapping[str, tuple[KeyRule, int | None]],
                 read: Callable[[str], np.ndarray], where: Callable[[str], str],
                 shard_of: Callable[[tuple[str, ...]], jax.sharding.Sharding],
-                progress: Callable[[int], None] | None = None) -> None:
-  """Reads every entry once and writes it into its own (sharded) device buffer in `state`."""
+                progress: Callable[[int], None] | None = None, *,
+                allow_nonfinite: bool = False) -> None:
+  """Reads every entry once and writes it into its own (sharded) device buffer in `state`.
+
+  Each tensor is checked for NaN/Inf on the host buffer it was read into, before the transfer: on
+  the CPU this costs a fraction of the transfer, where the same test on the device costs more
+  (measured in docs/checkpoints.md), and it needs no copy of the tensor.
+  """
   for key, (rule, layer) in entries.items():
     path = rule.param_path(layer)
     var = _get_path(state, path)
     shape, dtype, sharding = tuple(var.value.shape), var.value.dtype, shard_of(path)
     src_sharding = _source_sharding(sharding, len(shape), rule.transpose)
-    x = jax.device_put(_checked(read(key), rule, shape, key, where(key)), src_sharding)
+    host = _checked(read(key), rule, shape, key, where(key))
+    if not allow_nonfinite and has_nonfinite(host):
+      raise CheckpointError(f"tensor {key!r} in {where(key)} holds NaN or Inf values; refused "
+                            "unless allow_nonfinite is set")
+    host_dtype = host.dtype
+    x = jax.device_put(host, src_sharding)
+    del host
     var.value = _convert_fn(sharding, dtype, rule.transpose)(x)
     del x
+    # float16's range (±65504) is far narrower than bfloat16's and float32's: a finite weight can
+    # become Inf in the cast, which only the result shows.
+    if (not allow_nonfinite and var.value.dtype == jnp.float16 and host_dtype != np.float16
+        and _array_has_nonfinite(var.value)):
+      raise CheckpointError(f"tensor {key!r} in {where(key)} overflows float16 (values beyond "
+                            "±65504); load it as bfloat16 or float32, or set allow_nonfinite")
     if progress:
       progress(1)
 
@@ -270,26 +323,30 @@ def _zero_unfilled(state, shard_of) -> None:
 
 def model_from_tensors(cfg: ModelConfig, get_tensor: Callable[[str], np.ndarray], keys: Iterable[str],
                        *, dtype=jnp.float32, param_dtype=None, lora: LoRAConfig | None = None,
-                       mesh=None) -> NLDModel:
+                       mesh=None, source: str = "checkpoint",
+                       allow_nonfinite: bool = False) -> NLDModel:
   """Builds an NLDModel from HF-named tensors fetched one at a time by `get_tensor(key)`.
 
   With `lora`, `keys` may also hold the adapter's PEFT keys (docs/model.md §2.3, all layers);
   without them the adapter is zero (identity). At most one checkpoint tensor is held besides the
   result.
+  source: what errors name as the tensors' origin (e.g. a GGUF file). allow_nonfinite: load
+  tensors holding NaN or Inf instead of refusing them.
   """
   keys = list(keys)
   naming = detect_naming(keys)
+  _check_layer_count(keys, cfg.num_layers, source, "the config has num_layers")
   expected = expected_hf_keys(cfg, naming)
   if lora is not None:
     lora_expected = expected_lora_keys(cfg, lora, naming)
     if set(keys) & set(lora_expected):
       expected = {**expected, **lora_expected}
-  _check_key_sets(keys, expected, "checkpoint")
+  _check_key_sets(keys, expected, source)
   model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora)
   graphdef, state = nnx.split(model)
   shard_of = _sharding_lookup(cfg, state, mesh)
-  _fill_state(state, expected, lambda k: np.asarray(get_tensor(k)), lambda k: "checkpoint",
-              shard_of)
+  _fill_state(state, expected, lambda k: np.asarray(get_tensor(k)), lambda k: source, shard_of,
+              allow_nonfinite=allow_nonfinite)
   _zero_unfilled(state, shard_of)
   return nnx.merge(graphdef, state)
 
@@ -351,6 +408,8 @@ def adapter_config(lora: LoRAConfig, base_model_name_or_path: str | None = None
 def _adapter_headers(adapter_dir: Path, cfg: ModelConfig, lora: LoRAConfig, naming: str, state
                      ) -> tuple[dict[str, TensorInfo], dict[str, tuple[KeyRule, int | None]]]:
   infos = read_safetensors_header(Path(adapter_dir) / ADAPTER_WEIGHTS)
+  _check_layer_count(infos, cfg.num_layers, str(Path(adapter_dir) / ADAPTER_WEIGHTS),
+                     "config.json has num_hidden_layers")
   expected = expected_lora_keys(cfg, lora, naming)
   _check_key_sets(infos, expected, str(Path(adapter_dir) / ADAPTER_WEIGHTS))
   _check_header_shapes(infos, expected, state,
@@ -379,6 +438,8 @@ def read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
   try:
     hf = json.loads(path.read_text())
     return ModelConfig.from_hf_config(hf), hf
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
   except (json.JSONDecodeError, ValueError, TypeError) as e:
     raise CheckpointError(f"{path}: {e}") from None
 
@@ -396,22 +457,29 @@ def _want_lora(lora: bool | str, available: bool, where: Path) -> bool:
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None,
-                    lora: bool | str = True, progress: bool = False) -> Pretrained:
+                    lora: bool | str = True, progress: bool = False,
+                    allow_nonfinite: bool = False) -> Pretrained:
   """Loads an HF directory or a converted (orbax) directory into a ready NLDModel.
 
   dtype / param_dtype: compute and parameter dtypes (param_dtype defaults to dtype); the LoRA
     factors stay fp32. mesh: place each parameter on its dllm_jax.sharding target (None: one device).
   lora: True loads `linear_spec_lora/` when present, "required" fails without it, False skips it.
+  progress: a bar per tensor on a terminal.
+  allow_nonfinite: load tensors that hold NaN or Inf (by default each tensor is checked as it
+    arrives and the first such one is refused, naming it and its file).
   Every header is validated against config.json before any tensor data is read.
   """
   path = Path(path)
   if not path.is_dir():
     raise CheckpointError(f"{path}: not a directory")
   if (path / CONVERTED_MARKER).is_file():
-    return _load_converted(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, lora=lora)
+    return _load_converted(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, lora=lora,
+                           allow_nonfinite=allow_nonfinite)
   cfg, _ = read_config(path)
   infos = index_checkpoint(path)
   naming = detect_naming(infos)
+  _check_layer_count(infos, cfg.num_layers, f"checkpoint {path}",
+                     "config.json has num_hidden_layers")
   expected = expected_hf_keys(cfg, naming)
   _check_key_sets(infos, expected, f"checkpoint {path}")
   adapter_dir = path / LORA_DIR
@@ -431,10 +499,12 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
     bar = None
     if progress:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      # disable=None: a bar only on a terminal, so that a log holds errors, not bar frames.
       bar = stack.enter_context(tqdm(total=len(all_infos), desc=f"loading {path.name}",
-                                     unit="tensor"))
+                                     unit="tensor", disable=None))
     _fill_state(state, {**expected, **lora_expected}, lambda k: read(all_infos[k]),
-                lambda k: all_infos[k].file.name, shard_of, bar.update if bar else None)
+                lambda k: str(all_infos[k].file), shard_of, bar.update if bar else None,
+                allow_nonfinite=allow_nonfinite)
   return Pretrained(cfg, nnx.merge(graphdef, state), _tokenizer_dir(path), lora_cfg, path)
 
 
@@ -502,12 +572,26 @@ def save_converted(pre: Pretrained, out_dir: str | os.PathLike) -> Path:
         # One orbax checkpoint per parameter: orbax keeps every host copy of a call alive until
         # the call ends (measured: +0.5x the checkpoint in host memory for one whole-tree call).
         for name, (keys, value) in _flat_leaves(state.to_pure_dict()).items():
-          ckptr.save(tmp / item / name, args=ocp.args.PyTreeSave(_nest(keys, value)))
+          try:
+            ckptr.save(tmp / item / name, args=ocp.args.PyTreeSave(_nest(keys, value)))
+          except ValueError as e:  # TensorStore reports a failed write (a full disk) as ValueError
+            raise CheckpointError(f"{out_dir}: not written (saving {item}/{name}: "
+                                  f"{_storage_reason(e)})") from None
     (tmp / "config.json").write_text(json.dumps(_config_json(pre.config, pre.path), indent=2))
     _copy_side_files(pre.tokenizer_dir, tmp)
     marker = {"format": 1, "lora": dataclasses.asdict(pre.lora) if pre.lora else None}
     (tmp / CONVERTED_MARKER).write_text(json.dumps(marker, indent=2))
   return out_dir
+
+
+def _storage_reason(e: BaseException) -> str:
+  """One line for an orbax/TensorStore failure: the OS error text where TensorStore gives its
+  code, else the first line of the innermost cause (orbax wraps it in a 60-line `Exception`)."""
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  text = str(e).strip()
+  code = re.search(r"\[os_error_code='(\d+)'\]", text)
+  return os.strerror(int(code.group(1))) if code else (text.splitlines() or [type(e).__name__])[0]
 
 
 def _flat_leaves(tree: Mapping[str, Any]) -> dict[str, tuple[list[str], Any]]:
@@ -533,32 +617,43 @@ def _deep_update(dst: dict[str, Any], src: Mapping[str, Any]) -> None:
       dst[k] = v
 
 
-def _check_stored(ckptr, item_dir: Path, target: Mapping[str, tuple[list[str], Any]]) -> None:
-  """Parameter names and orbax-recorded shapes against the config's, before any restore."""
+def _stored_params(item_dir: Path) -> list[str]:
   if not item_dir.is_dir():
     raise CheckpointError(f"{item_dir}: not found (incomplete converted directory)")
-  stored = [p.name for p in item_dir.iterdir() if p.is_dir()]
-  _check_key_sets(stored, target, str(item_dir))
+  return [p.name for p in item_dir.iterdir() if p.is_dir()]
+
+
+def _check_stored(ckptr, item_dir: Path, target: Mapping[str, tuple[list[str], Any]]) -> None:
+  """Parameter names and orbax-recorded shapes against the config's, before any restore."""
+  _check_key_sets(_stored_params(item_dir), target, str(item_dir))
   for name, (_, want) in target.items():
     try:
-      (shape,) = [tuple(m.shape) for m in
-                  jax.tree.leaves(ckptr.metadata(item_dir / name).item_metadata)]
-    except (FileNotFoundError, ValueError, KeyError, AttributeError) as e:
+      shapes = [tuple(m.shape) for m in
+                jax.tree.leaves(ckptr.metadata(item_dir / name).item_metadata)]
+    except (OSError, ValueError, KeyError, AttributeError) as e:
       raise CheckpointError(f"{item_dir / name}: unreadable orbax metadata "
-                            f"({str(e).splitlines()[0]})") from None
+                            f"({_storage_reason(e)})") from None
+    if len(shapes) != 1:  # orbax logs and swallows a missing or damaged metadata file
+      raise CheckpointError(f"{item_dir / name}: unreadable orbax metadata (a file is missing or "
+                            "damaged)")
+    (shape,) = shapes
     if shape != tuple(want.shape):
       raise CheckpointError(f"{item_dir}: param {name!r} has shape {shape}, but config.json "
                             f"implies {tuple(want.shape)}")
 
 
-def _load_converted(path: Path, *, dtype, param_dtype, mesh, lora) -> Pretrained:
+def _load_converted(path: Path, *, dtype, param_dtype, mesh, lora, allow_nonfinite) -> Pretrained:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   try:
     marker = json.loads((path / CONVERTED_MARKER).read_text())
     stored_lora = LoRAConfig(**marker["lora"]) if marker.get("lora") else None
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
+  except OSError as e:
+    raise CheckpointError(f"{path / CONVERTED_MARKER}: cannot read ({e.strerror or e})") from None
+  except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"{path / CONVERTED_MARKER}: corrupt ({e!r})") from None
   cfg, _ = read_config(path)
+  _check_layer_count(_stored_params(path / "params"), cfg.num_layers, str(path / "params"),
+                     "config.json has num_hidden_layers")
   lora_cfg = stored_lora if _want_lora(lora, stored_lora is not None, path) else None
   model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora_cfg)
   graphdef, lora_state, base_state = _split_params(model)
@@ -573,8 +668,18 @@ def _load_converted(path: Path, *, dtype, param_dtype, mesh, lora) -> Pretrained
       restored: dict[str, Any] = {}
       for name, (keys, leaf) in target.items():
         one = _nest(keys, leaf)
-        _deep_update(restored, ckptr.restore(path / item / name, args=ocp.args.PyTreeRestore(
-            item=one, restore_args=ocp.checkpoint_utils.construct_restore_args(one))))
+        try:
+          value = ckptr.restore(path / item / name, args=ocp.args.PyTreeRestore(
+              item=one, restore_args=ocp.checkpoint_utils.construct_restore_args(one)))
+        except Exception as e:  # pylint: disable=broad-exception-caught  # orbax raises Exception
+          raise CheckpointError(f"{path / item}: cannot restore param {name!r} "
+                                f"({_storage_reason(e)})") from None
+        # Checked where it landed (sharded): fetching it from an accelerator would copy it.
+        if not allow_nonfinite and _array_has_nonfinite(jax.tree.leaves(value)[0]):
+          raise CheckpointError(f"{path / item}: param {name!r} holds NaN or Inf values as "
+                                f"{jnp.dtype(leaf.dtype).name}; refused unless allow_nonfinite "
+                                "is set")
+        _deep_update(restored, value)
       nnx.replace_by_pure_dict(state, restored)
   return Pretrained(cfg, nnx.merge(graphdef, lora_state, base_state), _tokenizer_dir(path),
                     lora_cfg, path)

@@ -225,9 +225,14 @@ def load_gguf(path: str) -> GGUFCheckpoint:
 
 
 def model_from_gguf(ckpt: GGUFCheckpoint, *, cfg: ModelConfig | None = None, dtype=jnp.float32,
-                    param_dtype=None, mesh=None, progress: bool = False) -> NLDModel:
+                    param_dtype=None, mesh=None, progress: bool = False,
+                    allow_nonfinite: bool = False) -> NLDModel:
   """An NLDModel with the GGUF weights; `cfg` may replace token-id fields of `ckpt.config`.
-  param_dtype defaults to dtype."""
+  param_dtype defaults to dtype.
+
+  Each dequantized tensor is checked for NaN/Inf and refused (naming it and the file) unless
+  `allow_nonfinite`.
+  """
   cfg = ckpt.config if cfg is None else cfg
   keys = ckpt.keys()
   # disable=None: a bar only on a terminal.
@@ -239,4 +244,5 @@ def model_from_gguf(ckpt: GGUFCheckpoint, *, cfg: ModelConfig | None = None, dty
       bar.update()
       return x
 
-    return model_from_tensors(cfg, get, keys, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    return model_from_tensors(cfg, get, keys, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                              source=ckpt.path, allow_nonfinite=allow_nonfinite)

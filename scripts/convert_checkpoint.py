@@ -4,13 +4,15 @@
   python -c "import dllm_jax; dllm_jax.load('nld-8b-orbax')"
 
 Tensors stream one at a time from the safetensors files (progress bar per tensor) into the params,
-which orbax then writes. The output appears only when complete; bad input exits with code 2 and a
-one-line message, leaving nothing behind.
+which orbax then writes. The output appears only when complete; bad input and storage failures (a
+full disk, a concurrent conversion to the same --out) exit with code 2 and a one-line message,
+leaving nothing behind. Tensors holding NaN or Inf are refused unless --allow_nonfinite.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 import sys
 import time
@@ -30,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
                  help="stored parameter dtype (the draft LoRA always stays float32)")
   p.add_argument("--no-lora", action="store_true", help="skip linear_spec_lora/ even if present")
+  p.add_argument("--allow_nonfinite", action="store_true",
+                 help="convert tensors holding NaN or Inf instead of refusing them")
   return p.parse_args(argv)
 
 
@@ -38,9 +42,12 @@ def main(argv: list[str] | None = None) -> int:
   if Path(args.out).exists():  # fail before the (long) load, not after it
     print(f"error: {args.out}: already exists (remove it first)", file=sys.stderr)
     return 2
+  # orbax logs each failed write with a traceback; the failure is reported below in one line.
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
   t0 = time.perf_counter()
   try:
-    pre = load_pretrained(args.hf, dtype=DTYPES[args.dtype], lora=not args.no_lora, progress=True)
+    pre = load_pretrained(args.hf, dtype=DTYPES[args.dtype], lora=not args.no_lora, progress=True,
+                          allow_nonfinite=args.allow_nonfinite)
     t1 = time.perf_counter()
     out = save_converted(pre, args.out)
   except CheckpointError as e:

@@ -1,24 +1,41 @@
 """Bad input, one table per class: each case must be refused with one line naming the culprit.
 
-Library cases call the API that meets the input first; CLI cases run scripts/generate.py and expect
-exit code 2, a single `error: ...` line on stderr naming the culprit and no traceback.
+Library cases call the API that meets the input first; CLI cases run scripts/generate.py or
+scripts/convert_checkpoint.py and expect exit code 2, a single `error: ...` line on stderr naming
+the culprit and no traceback.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import json
 import os
 import pathlib
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import textwrap
 from typing import Any, Callable
 
+import gguf
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.torch
+import torch
+from flax import nnx
+from tokenizers import pre_tokenizers
 
+import ckpt_utils
+from dllm_jax import atomic_files
+from dllm_jax import checkpoint as ckpt_lib
+from dllm_jax import gguf as gguf_lib
+from dllm_jax import safetensors_io
+from dllm_jax.checkpoint import CheckpointError, export_hf, load_pretrained, save_converted
 from dllm_jax.config import DLM_PARADIGMS, ModelConfig, preset
 from tiny_nld import write_checkpoint
 
@@ -292,3 +309,701 @@ def test_bad_model_config_is_a_usage_error(tiny_checkpoint, tmp_path, name):
   (ckpt / "config.json").write_text(json.dumps(case.mutate(copy.deepcopy(TINY_NLD_CONFIG))))
   proc = run_generate("--config=configs/nld.py", f"--config.checkpoint={ckpt}")
   assert_usage_error(proc, f"config.json: {case.culprit}")
+
+
+# --- weights and storage: shared helpers --------------------------------------------------------
+
+CONVERT = ROOT / "scripts" / "convert_checkpoint.py"
+TINY = preset("tiny")
+LORA_RANK, LORA_ALPHA = 4, 8.0
+WEIGHTS = "model.safetensors"
+ADAPTER_WEIGHTS = "linear_spec_lora/adapter_model.safetensors"
+
+
+# Execs the rest of its argv with files limited to argv[1] bytes: a write past the limit fails with
+# EFBIG (the signal it would raise is ignored; both survive exec), as writes to a full disk fail
+# with ENOSPC.
+FILE_SIZE_LIMIT = textwrap.dedent("""
+    import os, resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+    os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+""")
+
+
+def run_convert(*args: str, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  limit = ([sys.executable, "-c", FILE_SIZE_LIMIT, str(file_size_limit)]
+           if file_size_limit is not None else [sys.executable])
+  return subprocess.run([*limit, "-P", str(CONVERT), *args], capture_output=True, text=True,
+                        env=env, cwd=ROOT, timeout=300)
+
+
+def assert_one_line(e: pytest.ExceptionInfo, start: str, *parts: str) -> None:
+  message = str(e.value)
+  assert "\n" not in message, message
+  assert message.startswith(start), message
+  for part in parts:
+    assert part in message, message
+
+
+def assert_nothing_written(out: pathlib.Path) -> None:
+  """Neither the output nor a temporary sibling of it (`.{name}.partial-*`) exists."""
+  assert not out.exists()
+  assert not list(out.parent.glob(f".{out.name}.partial-*")), list(out.parent.iterdir())
+
+
+def hf_copy(tiny_checkpoint: pathlib.Path, dst: pathlib.Path, dtype: torch.dtype = torch.float32,
+            shards: int = 1, adapter: bool = False) -> pathlib.Path:
+  """The tiny checkpoint with its weights in `dtype`, maybe sharded and with a draft adapter."""
+  d = shutil.copytree(tiny_checkpoint, dst)
+  tensors = safetensors.torch.load_file(d / WEIGHTS)
+  (d / WEIGHTS).unlink()
+  ckpt_utils.save_tensors(d, {k: v.to(dtype) for k, v in tensors.items()}, shards)
+  if adapter:
+    ckpt_utils.write_adapter(d, ckpt_utils.lora_tensors(TINY, LORA_RANK),
+                             ckpt_utils.adapter_config(LORA_RANK, LORA_ALPHA))
+  return d
+
+
+def file_of(d: pathlib.Path, key: str) -> pathlib.Path:
+  """The safetensors file of `d` that holds `key` (adapter, single file or shard)."""
+  if key.startswith("base_model."):
+    return d / ADAPTER_WEIGHTS
+  index = d / safetensors_io.INDEX_NAME
+  if index.exists():
+    return d / json.loads(index.read_text())["weight_map"][key]
+  return d / WEIGHTS
+
+
+def set_element(d: pathlib.Path, key: str, index: tuple[int, ...], value: float) -> None:
+  """Rewrites the file holding `key` (with the reference writer) with tensor[index] = value."""
+  path = file_of(d, key)
+  tensors = safetensors.torch.load_file(path)
+  tensors[key][index] = value
+  safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
+
+
+def rule_of(key: str, cfg: ModelConfig = TINY):
+  """(key-table rule, layer) of an HF or PEFT key (either naming) of a model of `cfg`."""
+  lora = ckpt_lib.LoRAConfig(LORA_RANK, LORA_ALPHA)
+  naming = "llama" if key.startswith("model.") else "nld"
+  return {**ckpt_lib.expected_hf_keys(cfg, naming),
+          **ckpt_lib.expected_lora_keys(cfg, lora, naming)}[key]
+
+
+def param_as_hf(model, key: str) -> np.ndarray:
+  """The loaded parameter of `key` in the file's [out, in] orientation, as float32."""
+  rule, layer = rule_of(key, model.cfg)
+  value = nnx.state(model)
+  for part in rule.param_path(layer):
+    value = value[part]
+  value = np.asarray(value.value, np.float32)
+  return value.T if rule.transpose else value
+
+
+def param_name(key: str) -> str:
+  """The name a converted directory stores `key` under (its nnx state path, dotted)."""
+  rule, layer = rule_of(key)
+  return ".".join(str(p) for p in rule.param_path(layer))
+
+
+# --- weights that are not numbers: NaN / Inf ----------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BadValue:
+  name: str
+  key: str  # the HF tensor that holds the value
+  index: tuple[int, ...]  # where, in the file's [out, in] layout
+  value: float
+  dtype: torch.dtype = torch.float32  # of every tensor in the file
+  shards: int = 1
+
+
+K = "encoder.layers.1"
+NONFINITE_CASES = [
+    BadValue("nan_in_embedding", "encoder.embed_tokens.weight", (0, 0), float("nan")),
+    BadValue("inf_in_last_element_of_q_proj", f"{K}.self_attn.q_proj.weight", (127, 63),
+             float("inf")),
+    BadValue("negative_inf_in_norm_bf16", "encoder.layers.0.input_layernorm.weight", (17,),
+             float("-inf"), torch.bfloat16),
+    BadValue("nan_in_head_bf16", "diffusion_head.weight", (255, 63), float("nan"), torch.bfloat16),
+    BadValue("inf_in_down_proj_fp16", f"{K}.mlp.down_proj.weight", (5, 100), float("inf"),
+             torch.float16),
+    BadValue("nan_in_a_shard", f"{K}.mlp.up_proj.weight", (64, 3), float("nan"), shards=3),
+    BadValue("nan_in_the_draft_adapter",
+             f"base_model.model.{K}.self_attn.o_proj.lora_B.weight", (10, 2), float("nan")),
+]
+NONFINITE_CONVERTED = ("nan_in_embedding", "inf_in_last_element_of_q_proj",
+                       "nan_in_the_draft_adapter")
+NONFINITE_GGUF = {  # GGUF tensor -> (its HF name, element index)
+    "token_embd.weight": ("model.embed_tokens.weight", (3, 7)),
+    "blk.1.attn_q.weight": ("model.layers.1.self_attn.q_proj.weight", (40, 9)),
+    "blk.0.ffn_up.weight": ("model.layers.0.mlp.up_proj.weight", (0, 63)),  # stored as F16
+}
+
+
+@pytest.fixture
+def nonfinite_dir(request, tiny_checkpoint, tmp_path):
+  case = _by_name(NONFINITE_CASES)[request.param]
+  d = hf_copy(tiny_checkpoint, tmp_path / "hf", case.dtype, case.shards,
+              adapter=case.key.startswith("base_model."))
+  set_element(d, case.key, case.index, case.value)
+  return case, d
+
+
+def _matches(x: float, value: float) -> bool:
+  return bool(np.isnan(x)) if np.isnan(value) else x == value
+
+
+@pytest.mark.parametrize("nonfinite_dir", [c.name for c in NONFINITE_CASES], indirect=True)
+def test_nonfinite_weights_are_refused_naming_tensor_and_file(nonfinite_dir):
+  case, d = nonfinite_dir
+  with pytest.raises(CheckpointError) as e:
+    load_pretrained(d, dtype=jnp.float32)
+  assert_one_line(e, f"tensor {case.key!r} in {file_of(d, case.key)} holds NaN or Inf values",
+                  "allow_nonfinite")
+  # The override loads the value where the file has it.
+  pre = load_pretrained(d, dtype=jnp.float32, allow_nonfinite=True)
+  loaded = param_as_hf(pre.model, case.key)
+  assert _matches(loaded[case.index], case.value)
+  others = np.delete(loaded.reshape(-1), np.ravel_multi_index(case.index, loaded.shape))
+  assert np.isfinite(others).all()
+
+
+@pytest.mark.parametrize("nonfinite_dir", NONFINITE_CONVERTED, indirect=True)
+def test_nonfinite_params_in_a_converted_dir_are_refused(nonfinite_dir, tmp_path):
+  case, d = nonfinite_dir
+  conv = save_converted(load_pretrained(d, dtype=jnp.float32, allow_nonfinite=True),
+                        tmp_path / "conv")
+  # The draft adapter's factors stay float32 whatever the model's dtype.
+  item, dtype = (("lora", "float32") if case.key.startswith("base_model.")
+                 else ("params", "bfloat16"))
+  with pytest.raises(CheckpointError) as e:
+    load_pretrained(conv)
+  assert_one_line(e, f"{conv / item}: param {param_name(case.key)!r} holds NaN or Inf values as "
+                  f"{dtype}", "allow_nonfinite")
+  pre = load_pretrained(conv, dtype=jnp.float32, allow_nonfinite=True)
+  assert _matches(param_as_hf(pre.model, case.key)[case.index], case.value)
+
+
+def test_a_cast_that_overflows_float16_is_refused(tiny_checkpoint, tmp_path):
+  """A finite float32 weight beyond float16's range becomes Inf in the cast, on either path."""
+  key = f"{K}.mlp.gate_proj.weight"
+  d = hf_copy(tiny_checkpoint, tmp_path / "hf")
+  set_element(d, key, (1, 2), 1e6)
+  with pytest.raises(CheckpointError) as e:
+    load_pretrained(d, dtype=jnp.float16)
+  assert_one_line(e, f"tensor {key!r} in {d / WEIGHTS} overflows float16")
+  conv = save_converted(load_pretrained(d, dtype=jnp.float32), tmp_path / "conv")
+  with pytest.raises(CheckpointError) as e:
+    load_pretrained(conv, dtype=jnp.float16)
+  assert_one_line(e, f"{conv / 'params'}: param {param_name(key)!r} holds NaN or Inf values as "
+                  "float16")
+  assert param_as_hf(load_pretrained(d, dtype=jnp.float16, allow_nonfinite=True).model,
+                     key)[1, 2] == np.inf
+
+
+def test_nonfinite_weights_are_a_usage_error_of_the_converter(tiny_checkpoint, tmp_path):
+  case = _by_name(NONFINITE_CASES)["nan_in_head_bf16"]
+  d = hf_copy(tiny_checkpoint, tmp_path / "hf", case.dtype)
+  set_element(d, case.key, case.index, case.value)
+  out = tmp_path / "out" / "conv"
+  proc = run_convert(f"--hf={d}", f"--out={out}")
+  assert_usage_error(proc, f"tensor {case.key!r} in {d / WEIGHTS} holds NaN or Inf values")
+  assert_nothing_written(out)
+  proc = run_convert(f"--hf={d}", f"--out={out}", "--allow_nonfinite")
+  assert proc.returncode == 0, proc.stderr
+  assert np.isnan(param_as_hf(load_pretrained(out, allow_nonfinite=True).model,
+                              case.key)[case.index])
+
+
+# --- GGUF: a tiny llama file written with the gguf package's writer -----------------------------
+
+GGUF_LAYERS, GGUF_VOCAB = 2, 257
+
+
+def gguf_tensors(layers: int = GGUF_LAYERS) -> dict[str, np.ndarray]:
+  """GGUF-named weights of a tiny llama (hidden 64, 4 heads of 16, 2 kv heads, ffn 128) in the
+  [out, in] layout; ffn_up is float16 (stored as F16), the rest float32."""
+  rng = np.random.default_rng(0)
+  d, f, q, kv = 64, 128, 64, 32
+  out = {"token_embd.weight": (GGUF_VOCAB, d), "output_norm.weight": (d,),
+         "output.weight": (GGUF_VOCAB, d)}
+  for i in range(layers):
+    out.update({f"blk.{i}.attn_norm.weight": (d,), f"blk.{i}.attn_q.weight": (q, d),
+                f"blk.{i}.attn_k.weight": (kv, d), f"blk.{i}.attn_v.weight": (kv, d),
+                f"blk.{i}.attn_output.weight": (d, q), f"blk.{i}.ffn_norm.weight": (d,),
+                f"blk.{i}.ffn_gate.weight": (f, d), f"blk.{i}.ffn_up.weight": (f, d),
+                f"blk.{i}.ffn_down.weight": (d, f)})
+  return {name: (0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(
+      np.float16 if "ffn_up" in name else np.float32) for name, shape in out.items()}
+
+
+def write_tiny_gguf(path: pathlib.Path, tensors: dict[str, np.ndarray],
+                    block_count: int = GGUF_LAYERS) -> str:
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_block_count(block_count)
+  w.add_embedding_length(64)
+  w.add_feed_forward_length(128)
+  w.add_head_count(4)
+  w.add_head_count_kv(2)
+  w.add_key_length(16)
+  w.add_value_length(16)
+  w.add_layer_norm_rms_eps(1e-5)
+  w.add_context_length(256)
+  w.add_rope_freq_base(10000.0)
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("gpt-2")
+  w.add_token_list(sorted(pre_tokenizers.ByteLevel.alphabet()) + ["Ġt"])  # 256 bytes + 1 merge
+  w.add_token_types([1] * GGUF_VOCAB)
+  w.add_token_merges(["Ġ t"])
+  w.add_eos_token_id(1)
+  for name, value in tensors.items():
+    w.add_tensor(name, value)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)
+
+
+def test_the_tiny_gguf_loads(tmp_path):
+  """The starting point of the GGUF cases is valid, so each refusal is the bad value's doing."""
+  tensors = gguf_tensors()
+  ckpt = gguf_lib.load_gguf(write_tiny_gguf(tmp_path / "tiny.gguf", tensors))
+  model = gguf_lib.model_from_gguf(ckpt)
+  np.testing.assert_array_equal(np.asarray(model.encoder.embed_tokens.embedding[...]),
+                                tensors["token_embd.weight"])
+  np.testing.assert_array_equal(np.asarray(model.encoder.layers[1].mlp.up_proj.kernel[...]),
+                                tensors["blk.1.ffn_up.weight"].astype(np.float32).T)
+
+
+@pytest.mark.parametrize("gguf_name", sorted(NONFINITE_GGUF))
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_gguf_tensors_are_refused(tmp_path, gguf_name, value):
+  hf_key, index = NONFINITE_GGUF[gguf_name]
+  tensors = gguf_tensors()
+  tensors[gguf_name][index] = value
+  path = write_tiny_gguf(tmp_path / "tiny.gguf", tensors)
+  ckpt = gguf_lib.load_gguf(path)
+  with pytest.raises(CheckpointError) as e:
+    gguf_lib.model_from_gguf(ckpt)
+  assert_one_line(e, f"tensor {hf_key!r} in {path} holds NaN or Inf values", "allow_nonfinite")
+  # The override loads it (q rows move: llama.cpp permutes them, the loader undoes it).
+  loaded = param_as_hf(gguf_lib.model_from_gguf(ckpt, allow_nonfinite=True), hf_key)
+  assert np.count_nonzero(~np.isfinite(loaded)) == 1
+  assert np.isnan(loaded).any() == np.isnan(value)
+
+
+# --- storage: a damaged converted directory -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def converted(tiny_checkpoint, tmp_path_factory):
+  return save_converted(load_pretrained(tiny_checkpoint, dtype=jnp.float32),
+                        tmp_path_factory.mktemp("converted") / "conv")
+
+
+DAMAGED_PARAM = "encoder.layers.1.mlp.up_proj.kernel"
+
+
+def _data_file(param_dir: pathlib.Path) -> pathlib.Path:
+  """The file that holds the array's bytes (the largest of the OCDBT data files)."""
+  return max((param_dir / "ocdbt.process_0" / "d").iterdir(), key=lambda f: f.stat().st_size)
+
+
+def _truncate_to(path: pathlib.Path, fraction: float) -> None:
+  with open(path, "r+b") as f:
+    f.truncate(int(path.stat().st_size * fraction))
+
+
+DAMAGED_CONVERTED_CASES = [
+    Case("data_file_deleted", lambda p: _data_file(p).unlink(),
+         f"cannot restore param {DAMAGED_PARAM!r}"),
+    Case("data_file_truncated", lambda p: _truncate_to(_data_file(p), 0.5),
+         f"cannot restore param {DAMAGED_PARAM!r}"),
+    Case("data_file_emptied", lambda p: _truncate_to(_data_file(p), 0),
+         f"cannot restore param {DAMAGED_PARAM!r}"),
+    Case("array_metadata_truncated",
+         lambda p: _truncate_to(p / "array_metadatas" / "process_0", 0.5),
+         f"cannot restore param {DAMAGED_PARAM!r}"),
+    Case("metadata_deleted", lambda p: (p / "_METADATA").unlink(),
+         f"{DAMAGED_PARAM}: unreadable orbax metadata"),
+    Case("manifest_deleted", lambda p: (p / "manifest.ocdbt").unlink(),
+         f"{DAMAGED_PARAM}: unreadable orbax metadata"),
+    Case("param_dir_deleted", shutil.rmtree, f"is missing tensor {DAMAGED_PARAM!r}"),
+]
+
+
+@pytest.mark.parametrize("case", DAMAGED_CONVERTED_CASES, ids=lambda c: c.name)
+def test_damaged_converted_dir_is_one_line_naming_param_and_dir(converted, tmp_path, case):
+  conv = shutil.copytree(converted, tmp_path / "conv")
+  case.mutate(conv / "params" / DAMAGED_PARAM)
+  with pytest.raises(CheckpointError) as e:
+    load_pretrained(conv, dtype=jnp.float32)
+  assert_one_line(e, str(conv / "params"), case.culprit)
+
+
+# --- storage: failed reads -------------------------------------------------------------------------
+
+def _open_failing_from(nth: int, error: int):
+  """`open` for safetensors_io whose `nth` and later calls fail with `error` (1: the first)."""
+  calls = []
+
+  def fake_open(path, *args, **kwargs):
+    calls.append(path)
+    if len(calls) >= nth:
+      raise OSError(error, os.strerror(error), str(path))
+    return open(path, *args, **kwargs)
+  return fake_open
+
+
+def _read_text_not_permitted(self, *args, **kwargs):
+  raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+
+READ_FAILURE_CASES = [
+    Case("config_not_permitted",
+         lambda mp: mp.setattr(pathlib.Path, "read_text", _read_text_not_permitted),
+         "config.json: cannot read (Permission denied)"),
+    Case("header_io_error",
+         lambda mp: mp.setattr(safetensors_io, "open", _open_failing_from(1, errno.EIO),
+                               raising=False),
+         f"{WEIGHTS}: cannot read (Input/output error)"),
+    Case("tensor_data_io_error",  # the header was read; the data read fails
+         lambda mp: mp.setattr(safetensors_io, "open", _open_failing_from(2, errno.EIO),
+                               raising=False),
+         f"{WEIGHTS}: cannot read (Input/output error)"),
+]
+
+
+@pytest.mark.parametrize("case", READ_FAILURE_CASES, ids=lambda c: c.name)
+def test_failed_read_is_one_line_naming_the_file(tiny_checkpoint, monkeypatch, case):
+  case.mutate(monkeypatch)
+  with pytest.raises(CheckpointError) as e:
+    load_pretrained(tiny_checkpoint, dtype=jnp.float32)
+  monkeypatch.undo()
+  assert_one_line(e, f"{tiny_checkpoint}/{case.culprit}")
+
+
+# --- storage: failed writes (a full disk, a permission) -----------------------------------------
+
+def _enospc(path=None) -> OSError:
+  return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), *([str(path)] if path else []))
+
+
+class _FullFile:
+  """A binary file whose writes fail once `room` bytes are written, as on a full disk."""
+
+  def __init__(self, path, mode="wb", room: int = 100):
+    self._f, self._room = open(path, mode), room  # pylint: disable=consider-using-with
+
+  def write(self, data) -> int:
+    n = memoryview(data).nbytes
+    if n > self._room:
+      self._f.write(bytes(memoryview(data).cast("B")[:self._room]))
+      raise _enospc()
+    self._room -= n
+    return self._f.write(data)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._f.close()
+
+
+def _fail_write_text(name: str, make_error: Callable[[str], OSError]):
+  real = pathlib.Path.write_text
+
+  def write_text(self, *args, **kwargs):
+    if self.name == name:
+      real(self, "{", **{k: v for k, v in kwargs.items() if k == "encoding"})  # half written
+      raise make_error(str(self))
+    return real(self, *args, **kwargs)
+  return write_text
+
+
+def _copy_not_permitted(src, dst):
+  """shutil.copy2 onto a destination the process may not write."""
+  raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
+
+
+def _mkdtemp_not_permitted(prefix: str, dir: str):  # pylint: disable=redefined-builtin
+  """tempfile.mkdtemp in a directory the process may not write to."""
+  raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, prefix + "x1"))
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteFailure:
+  name: str
+  writer: str  # "convert" (save_converted) or "export" (export_hf)
+  patch: Callable[[pytest.MonkeyPatch], None]
+  culprit: str  # what follows "{out}: not written ("
+
+
+WRITE_FAILURE_CASES = [
+    WriteFailure("config_json_on_a_full_disk", "convert",
+                 lambda mp: mp.setattr(pathlib.Path, "write_text",
+                                       _fail_write_text("config.json", _enospc)),
+                 "No space left on device: {out}/config.json)"),
+    WriteFailure("marker_on_a_full_disk", "convert",
+                 lambda mp: mp.setattr(pathlib.Path, "write_text", _fail_write_text(
+                     ckpt_lib.CONVERTED_MARKER, _enospc)),
+                 f"No space left on device: {{out}}/{ckpt_lib.CONVERTED_MARKER})"),
+    WriteFailure("tokenizer_copy_not_permitted", "convert",
+                 lambda mp: mp.setattr(ckpt_lib.shutil, "copy2", _copy_not_permitted),
+                 "Permission denied: {out}/tokenizer"),
+    WriteFailure("weights_on_a_full_disk", "export",
+                 lambda mp: mp.setattr(safetensors_io, "open", _FullFile, raising=False),
+                 "No space left on device)"),
+    WriteFailure("parent_not_writable", "convert",
+                 lambda mp: mp.setattr(atomic_files.tempfile, "mkdtemp", _mkdtemp_not_permitted),
+                 "Permission denied: {parent})"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tiny_checkpoint):
+  return load_pretrained(tiny_checkpoint, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("case", WRITE_FAILURE_CASES, ids=lambda c: c.name)
+def test_failed_write_is_one_line_and_leaves_nothing(tiny_pretrained, tmp_path, monkeypatch,
+                                                     case):
+  out = tmp_path / "out" / "result"
+  out.parent.mkdir()
+  case.patch(monkeypatch)
+  with pytest.raises(CheckpointError) as e:
+    if case.writer == "convert":
+      save_converted(tiny_pretrained, out)
+    else:
+      export_hf(tiny_pretrained.model, out)
+  monkeypatch.undo()
+  assert_one_line(e, f"{out}: not written (",
+                  case.culprit.format(out=out, parent=out.parent))
+  assert_nothing_written(out)
+
+
+def test_converter_on_a_full_disk_exits_2_and_leaves_nothing(tiny_checkpoint, tmp_path):
+  """A real failed write inside orbax (TensorStore), not a simulated one."""
+  out = tmp_path / "out" / "conv"
+  proc = run_convert(f"--hf={tiny_checkpoint}", f"--out={out}", "--dtype=float32",
+                     file_size_limit=16384)
+  assert_usage_error(proc, f"{out}: not written (saving params/")
+  assert "File too large" in proc.stderr
+  assert_nothing_written(out)
+
+
+# --- storage: two writers racing to the same output ---------------------------------------------
+
+def test_racing_conversion_keeps_the_winner_whole(tiny_pretrained, tmp_path, monkeypatch):
+  """The other writer completes its directory just before this one's rename."""
+  other = load_pretrained(write_checkpoint(tmp_path / "other", seed=1), dtype=jnp.float32)
+  out = tmp_path / "conv"
+  real_rename = os.rename
+  raced = []
+
+  def rename_after_the_other_writer(src, dst):
+    if not raced:
+      raced.append(True)
+      save_converted(other, out)  # its own rename goes through (raced is set)
+    real_rename(src, dst)
+
+  monkeypatch.setattr(atomic_files.os, "rename", rename_after_the_other_writer)
+  with pytest.raises(CheckpointError) as e:
+    save_converted(tiny_pretrained, out)
+  monkeypatch.undo()
+  assert_one_line(e, f"{out}: created meanwhile by another writer")
+  assert raced and not list(tmp_path.glob(".conv.partial-*"))
+  won = load_pretrained(out, dtype=jnp.float32).model
+  for path, var in nnx.to_flat_state(nnx.state(other.model)):
+    got = nnx.state(won)
+    for part in path:
+      got = got[part]
+    np.testing.assert_array_equal(np.asarray(got.value), np.asarray(var.value), err_msg=str(path))
+
+
+def test_two_converters_racing_to_one_output(tiny_checkpoint, tmp_path):
+  """Two real processes: one writes the directory, the other exits 2 with one line."""
+  out = tmp_path / "conv"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen([sys.executable, "-P", str(CONVERT), f"--hf={tiny_checkpoint}",
+                             f"--out={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT) for _ in range(2)]
+  results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+  codes = sorted(rc for rc, _, _ in results)
+  assert codes == [0, 2], results
+  _, _, err = next(r for r in results if r[0] == 2)
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"error: {out}: "), err
+  assert "created meanwhile" in lines[0] or "already exists" in lines[0], err
+  assert not list(tmp_path.glob(".conv.partial-*"))
+  load_pretrained(out, dtype=jnp.float32)
+
+
+# --- storage: leftovers of a killed writer ------------------------------------------------------
+
+def _dead_pid() -> int:
+  proc = subprocess.Popen([sys.executable, "-c", "pass"])
+  proc.wait()
+  return proc.pid
+
+
+@dataclasses.dataclass(frozen=True)
+class Leftover:
+  name: str
+  entry: Callable[[str, int], str]  # (host, dead pid) -> the sibling's name beside "conv"
+  removed: bool
+
+
+LEFTOVER_CASES = [
+    Leftover("killed_writer_on_this_host", lambda host, dead: f".conv.partial-{host}-{dead}-ab12_x",
+             True),
+    Leftover("live_writer_on_this_host",
+             lambda host, dead: f".conv.partial-{host}-{os.getpid()}-ab12_x", False),
+    Leftover("writer_on_another_host", lambda host, dead: f".conv.partial-not-{host}-{dead}-ab12",
+             False),
+    Leftover("no_owner_in_the_name", lambda host, dead: ".conv.partial-ab12_xyz", False),
+    Leftover("another_output", lambda host, dead: f".conv2.partial-{host}-{dead}-ab12_x", False),
+]
+
+
+@pytest.mark.parametrize("case", LEFTOVER_CASES, ids=lambda c: c.name)
+def test_leftovers_of_dead_writers_are_removed_by_the_next_one(tiny_pretrained, tmp_path, case):
+  leftover = tmp_path / case.entry(socket.gethostname(), _dead_pid())
+  (leftover / "params" / "x").mkdir(parents=True)
+  (leftover / "params" / "x" / "data").write_bytes(b"half")
+  save_converted(tiny_pretrained, tmp_path / "conv")
+  assert leftover.exists() != case.removed
+  load_pretrained(tmp_path / "conv", dtype=jnp.float32)
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys, time
+    from dllm_jax.atomic_files import atomic_dir
+    with atomic_dir(sys.argv[1]) as tmp:
+      (tmp / "config.json").write_text("{")
+      print(tmp, flush=True)
+      time.sleep(600)
+""")
+
+
+def test_a_writer_killed_with_sigkill_is_cleaned_up_by_the_next(tiny_pretrained, tmp_path):
+  out = tmp_path / "conv"
+  writer = subprocess.Popen([sys.executable, "-P", "-c", KILLED_WRITER, str(out)],
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT)
+  try:
+    partial = pathlib.Path(writer.stdout.readline().strip())
+  finally:
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=60)
+    writer.stdout.close()
+  assert partial.parent == tmp_path and partial.is_dir() and not out.exists()
+  save_converted(tiny_pretrained, out)
+  assert not partial.exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["conv"]
+
+
+def test_leftover_text_files_are_removed_too(tmp_path):
+  leftover = tmp_path / f".report.json.partial-{socket.gethostname()}-{_dead_pid()}-ab12_x"
+  leftover.write_text("{")
+  atomic_files.write_text_atomic(tmp_path / "report.json", "{}")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+# --- absurd layer counts: the files' count against config.json, before expanding names ----------
+
+def _config_layers(n: int) -> Callable[[pathlib.Path], None]:
+  def mutate(d: pathlib.Path) -> None:
+    config = json.loads((d / "config.json").read_text())
+    config["num_hidden_layers"] = n
+    (d / "config.json").write_text(json.dumps(config))
+  return mutate
+
+
+def _stray_layer(d: pathlib.Path) -> None:
+  tensors = safetensors.torch.load_file(d / WEIGHTS)
+  tensors["encoder.layers.7.mlp.up_proj.weight"] = torch.zeros(128, 64)
+  safetensors.torch.save_file(tensors, d / WEIGHTS, metadata={"format": "pt"})
+
+
+LAYER_COUNT_CASES = [
+    Case("config_absurd", _config_layers(4096),
+         "holds 2 layers (largest index: 'encoder.layers.1."),
+    Case("config_one_more", _config_layers(3), "holds 2 layers"),
+    Case("config_one_less", _config_layers(1), "holds 2 layers"),
+    Case("stray_layer_in_the_file", _stray_layer,
+         "holds 8 layers (largest index: 'encoder.layers.7.mlp.up_proj.weight' in "
+         "model.safetensors), but config.json has num_hidden_layers=2"),
+]
+
+
+@pytest.fixture
+def no_name_expansion(monkeypatch):
+  """Fails a test that expands the expected tensor names from the config."""
+  monkeypatch.setattr(ckpt_lib, "_expand", lambda *a: pytest.fail("names expanded first"))
+
+
+@pytest.mark.parametrize("case", LAYER_COUNT_CASES, ids=lambda c: c.name)
+def test_layer_count_mismatch_is_refused_before_expanding(tiny_checkpoint, tmp_path, case,
+                                                          no_name_expansion):
+  d = shutil.copytree(tiny_checkpoint, tmp_path / "hf")
+  case.mutate(d)
+  with pytest.raises(CheckpointError) as e:
+    load_pretrained(d)
+  assert_one_line(e, f"checkpoint {d} {case.culprit}")
+  num_layers = json.loads((d / "config.json").read_text())["num_hidden_layers"]
+  assert str(e.value).endswith(f"but config.json has num_hidden_layers={num_layers}")
+
+
+def test_layer_count_mismatch_of_a_converted_dir(converted, tmp_path, no_name_expansion):
+  conv = shutil.copytree(converted, tmp_path / "conv")
+  _config_layers(4096)(conv)
+  with pytest.raises(CheckpointError) as e:
+    load_pretrained(conv)
+  assert_one_line(e, f"{conv / 'params'} holds 2 layers (largest index: 'encoder.layers.1.",
+                  "but config.json has num_hidden_layers=4096")
+
+
+def test_layer_count_mismatch_of_the_adapter(tiny_checkpoint, tmp_path):
+  d = hf_copy(tiny_checkpoint, tmp_path / "hf")
+  ckpt_utils.write_adapter(d, ckpt_utils.lora_tensors(TINY.replace(num_layers=3), LORA_RANK),
+                           ckpt_utils.adapter_config(LORA_RANK, LORA_ALPHA))
+  with pytest.raises(CheckpointError) as e:
+    load_pretrained(d)
+  assert_one_line(e, f"{d / ADAPTER_WEIGHTS} holds 3 layers (largest index: "
+                  "'base_model.model.encoder.layers.2.", "but config.json has num_hidden_layers=2")
+
+
+def test_layer_count_mismatch_of_a_gguf(tmp_path, no_name_expansion):
+  path = write_tiny_gguf(tmp_path / "tiny.gguf", gguf_tensors(), block_count=3)
+  with pytest.raises(CheckpointError) as e:
+    gguf_lib.model_from_gguf(gguf_lib.load_gguf(path))
+  assert_one_line(e, f"{path} holds 2 layers (largest index: 'model.layers.1.",
+                  "but the config has num_layers=3")
+
+
+def test_absurd_layer_count_is_a_usage_error_of_the_converter(tiny_checkpoint, tmp_path):
+  d = shutil.copytree(tiny_checkpoint, tmp_path / "hf")
+  _config_layers(4096)(d)
+  out = tmp_path / "conv"
+  proc = run_convert(f"--hf={d}", f"--out={out}")
+  assert_usage_error(proc, f"checkpoint {d} holds 2 layers")
+  assert_nothing_written(out)
+
+
+# --- valid input still loads ----------------------------------------------------------------------
+
+def test_a_mixed_bf16_fp32_checkpoint_loads_as_written(tiny_checkpoint, tmp_path):
+  """Half the tensors bfloat16, half float32, in one file: every value arrives unchanged."""
+  d = shutil.copytree(tiny_checkpoint, tmp_path / "hf")
+  tensors = safetensors.torch.load_file(d / WEIGHTS)
+  mixed = {k: v.to(torch.bfloat16 if i % 2 else torch.float32)
+           for i, (k, v) in enumerate(sorted(tensors.items()))}
+  safetensors.torch.save_file(mixed, d / WEIGHTS, metadata={"format": "pt"})
+  assert {v.dtype for v in mixed.values()} == {torch.bfloat16, torch.float32}
+  model = load_pretrained(d, dtype=jnp.float32).model
+  for key, value in mixed.items():
+    np.testing.assert_array_equal(param_as_hf(model, key), value.float().numpy(), err_msg=key)
