@@ -25,6 +25,7 @@ def generate_config(**overrides) -> config_dict.ConfigDict:
   c.process_id = 0  # multi-host: this process's index, 0 .. num_processes - 1
   # compilation cache: "auto" (~/.cache/dllm_jax/jax; $XDG_CACHE_HOME if set), a directory, "none"
   c.compilation_cache_dir = "auto"
+  c.allow_nonfinite = False  # load weights holding NaN or Inf instead of refusing them
   c.mode = "spec"  # "ar" (autoregressive), "diffusion" (block diffusion), "spec" (self-speculation)
   c.max_new_tokens = 512  # tokens to generate (spec may overshoot by up to block_length - 1)
   # diffusion block / speculative draft length; None: the checkpoint's block_size (NLD: 32)

@@ -91,7 +91,7 @@ def inspect(source: str | os.PathLike) -> Description:
 
 def load(source: str | os.PathLike | Description, *, dtype="auto", param_dtype=None, mesh=None,
          lora: bool | str = True, attention_impl: str | None = None,
-         progress: bool = False) -> Loaded:
+         allow_nonfinite: bool = False, progress: bool = False) -> Loaded:
   """Reads a checkpoint (a source as in the module docstring, or what `inspect` returned).
 
   dtype: compute dtype, "auto" (see `resolve_dtype`) or a dtype; param_dtype: parameter dtype
@@ -100,6 +100,8 @@ def load(source: str | os.PathLike | Description, *, dtype="auto", param_dtype=N
   lora: True loads the draft adapter (linear_spec_lora/) when the checkpoint has one, "required"
     fails without it, False skips it. GGUF files have none.
   attention_impl: build the model with this ModelConfig.attention_impl (None: the checkpoint's).
+  allow_nonfinite: load tensors holding NaN or Inf instead of refusing them (a CheckpointError
+    naming the tensor).
   progress: a progress bar per tensor on stderr.
   """
   desc = source if isinstance(source, Description) else inspect(source)
@@ -116,11 +118,12 @@ def load(source: str | os.PathLike | Description, *, dtype="auto", param_dtype=N
     if lora == "required":
       raise CheckpointError(f"{desc.path}: a GGUF file has no draft adapter but lora='required'")
     model = gguf_lib.model_from_gguf(desc.gguf, cfg=cfg, dtype=dtype, param_dtype=param_dtype,
-                                     mesh=mesh, progress=progress)
+                                     mesh=mesh, progress=progress,
+                                     allow_nonfinite=allow_nonfinite)
     draft_lora = None
   else:
     pre = load_pretrained(desc.path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, lora=lora,
-                          progress=progress)
+                          allow_nonfinite=allow_nonfinite, progress=progress)
     model, draft_lora = pre.model, pre.lora
     model.cfg = cfg  # the same architecture; only attention_impl may differ
   return Loaded(model, desc.tokenizer, model.cfg, desc.path, desc.kind, draft_lora)

@@ -401,7 +401,8 @@ def load_weights(c: config_dict.ConfigDict, desc: Description, modes: set[str], 
   from dllm_jax import loader  # pylint: disable=g-import-not-at-top
   try:
     return loader.load(desc, dtype=c.dtype, mesh=mesh, lora=bool(c.lora) and "spec" in modes,
-                       attention_impl=c.attention_impl, progress=True)
+                       attention_impl=c.attention_impl, allow_nonfinite=c.allow_nonfinite,
+                       progress=True)
   except (OSError, ValueError) as e:
     raise UsageError(_first_line(e)) from None
 
