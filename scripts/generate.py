@@ -11,6 +11,11 @@ speculative run); progress bars and one stats line go to stderr. A prompts file 
 batches and written as JSON lines. Compiled programs are cached on disk, so a second run starts
 faster. Bad input exits with code 2 and a one-line message naming the flag, file or line at fault.
 See docs/cli.md.
+
+This script is over 600 lines because it is the whole command-line surface in one place: flags
+with one-line errors, --help built from configs/common.py, prompts files, batching, the
+interactive loop and the output records. Loading, decoding settings and generation are the
+library's (dllm_jax.load, dllm_jax.decode).
 """
 
 from __future__ import annotations
