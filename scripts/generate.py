@@ -91,6 +91,8 @@ def parse_config(argv: list[str]) -> config_dict.ConfigDict:
       path = arg.split("=", 1)[1]
       if not os.path.isfile(path):
         raise UsageError(f"--config: config file {path} not found")
+      if not _defines_get_config(path):
+        raise UsageError(f"--config: config file {path} defines no get_config() function")
   fv = flags.FlagValues()
   try:
     holder = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "generation config file",
@@ -105,6 +107,18 @@ def parse_config(argv: list[str]) -> config_dict.ConfigDict:
   except (OSError, ImportError, SyntaxError) as e:
     raise UsageError(f"cannot load config file: {_first_line(e)}") from None
   return config
+
+
+def _defines_get_config(path: str) -> bool:
+  """Whether the config file has a top-level `def get_config` (read, not run; a file that does not
+  parse is left to the loader, which reports the SyntaxError)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  try:
+    with open(path, "rb") as f:
+      tree = ast.parse(f.read())
+  except (SyntaxError, ValueError):
+    return True
+  return any(isinstance(node, ast.FunctionDef) and node.name == "get_config" for node in tree.body)
 
 
 def _unknown_key_message(e: Exception, argv: list[str]) -> str:
@@ -197,10 +211,25 @@ def _knob_message(message: str, mode: str, at: Origin) -> str:
 
 
 def _check_output_dir(key: str, path: str) -> None:
+  """The output file can be written: checked before anything is loaded or generated."""
   if path and path != "-":
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
       raise UsageError(f"--config.{key}={path}: directory {parent} does not exist")
+    if os.path.isdir(path):
+      raise UsageError(f"--config.{key}={path}: is a directory, expected a file path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+      raise UsageError(f"--config.{key}={path}: directory {parent} is not writable")
+
+
+def check_text(name: str, text: str) -> None:
+  """Text from the command line or stdin must be valid UTF-8 (Python keeps undecodable bytes as
+  lone surrogates, which no tokenizer takes): refused, naming where the first bad byte is."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise UsageError(f"{name}: not valid UTF-8 text (undecodable byte at character {e.start})"
+                     ) from None
 
 
 def check_knobs(c: config_dict.ConfigDict) -> None:
@@ -233,6 +262,8 @@ def check_knobs(c: config_dict.ConfigDict) -> None:
   _check_output_dir("output_jsonl", c.output_jsonl)
   if not c.interactive and not c.prompts_file and not c.prompt:
     raise UsageError("--config.prompt is empty")
+  check_text("--config.prompt", c.prompt)
+  check_text("--config.system", c.system)
 
 
 # --- prompts --------------------------------------------------------------------------------------
@@ -527,7 +558,13 @@ def write_records(path: str, records: list[dict[str, Any]]) -> None:
     sys.stdout.flush()
     return
   from dllm_jax.atomic_files import write_text_atomic  # pylint: disable=g-import-not-at-top
-  write_text_atomic(path, text)
+  try:
+    write_text_atomic(path, text)
+  except (OSError, ValueError) as e:  # checked writable at start; the disk may still fill up
+    sys.stdout.write(text)  # the generated text is not lost
+    sys.stdout.flush()
+    raise UsageError(f"{path}: not written ({_first_line(e)}); the records went to stdout "
+                     "instead") from None
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -575,9 +612,18 @@ def run_interactive(s: Session, desc: Description) -> None:
   while True:
     try:
       line = input("> ")
-    except EOFError:
+    except UnicodeDecodeError as e:  # stdin bytes that are not UTF-8: refused, the chat goes on
+      print(f"error: stdin: not valid UTF-8 text (byte {e.start} of the line); not sent",
+            file=sys.stderr)
+      continue
+    except (EOFError, OSError, ValueError, RuntimeError):  # Ctrl-D, or no stdin at all: end
       print(file=sys.stderr)
       return
+    try:
+      check_text("stdin", line)
+    except UsageError as e:
+      print(f"error: {e}; not sent", file=sys.stderr)
+      continue
     line = line.strip()
     if not line:
       continue

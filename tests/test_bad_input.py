@@ -1007,3 +1007,50 @@ def test_a_mixed_bf16_fp32_checkpoint_loads_as_written(tiny_checkpoint, tmp_path
   model = load_pretrained(d, dtype=jnp.float32).model
   for key, value in mixed.items():
     np.testing.assert_array_equal(param_as_hf(model, key), value.float().numpy(), err_msg=key)
+
+
+# --- text, output paths and config files on the command line ----------------------------------------
+
+# (name, extra arguments with {tmp} for the test's directory, culprit); the weights are never read:
+# every case is refused before loading.
+CLI_INPUT_CASES = [
+    ("prompt_not_utf8", ["--config.prompt=\udcff\udcfe hello"], "--config.prompt: not valid UTF-8"),
+    ("system_not_utf8", ["--config.system=\udcff"], "--config.system: not valid UTF-8"),
+    ("output_json_is_a_directory", ["--config.output_json={tmp}"], "is a directory"),
+    ("output_json_in_missing_directory", ["--config.output_json={tmp}/no/out.json"],
+     "does not exist"),
+    ("config_file_without_get_config", ["--config={tmp}/noget.py"], "defines no get_config()"),
+]
+
+
+@pytest.mark.parametrize("name,args,culprit", CLI_INPUT_CASES, ids=[c[0] for c in CLI_INPUT_CASES])
+def test_bad_text_paths_and_config_files_are_usage_errors(tiny_checkpoint, tmp_path, name, args,
+                                                          culprit):
+  (tmp_path / "noget.py").write_text("X = 1\n")
+  before = sorted(tmp_path.iterdir())
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  argv = [sys.executable, str(GENERATE), f"--config.checkpoint={tiny_checkpoint}",
+          "--config.max_new_tokens=4", *(a.format(tmp=tmp_path) for a in args)]
+  # The undecodable bytes reach the script as the OS passes them (os.fsencode keeps surrogates).
+  proc = subprocess.run([os.fsencode(a) for a in argv], capture_output=True, env=env, cwd=ROOT,
+                        timeout=300)
+  proc = subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(),
+                                     proc.stderr.decode(errors="replace"))
+  assert_usage_error(proc, culprit)
+  assert sorted(tmp_path.iterdir()) == before  # nothing written
+
+
+def test_interactive_input_that_is_not_text_or_is_gone(tiny_checkpoint):
+  """Bytes that are not UTF-8 on stdin are refused line by line; EOF or no stdin ends cleanly."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  argv = [sys.executable, str(GENERATE), f"--config.checkpoint={tiny_checkpoint}",
+          "--config.interactive=True", "--config.max_new_tokens=4", "--config.chat=False",
+          "--config.mode=ar"]
+  proc = subprocess.run(argv, input=b"\xff\xfe\n", capture_output=True, env=env, cwd=ROOT,
+                        timeout=300)
+  err = proc.stderr.decode(errors="replace")
+  assert proc.returncode == 0 and "Traceback" not in err, err
+  assert "stdin: not valid UTF-8" in err, err
+  proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env, cwd=ROOT,
+                        timeout=300)
+  assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr
