@@ -63,12 +63,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dllm_jax import bench_utils as bu
-from dllm_jax.decode import generate, settings_for
 from dllm_jax.atomic_files import write_text_atomic
 from dllm_jax.config import ModelConfig, preset
+from dllm_jax.decode import generate, settings_for
 from dllm_jax.kv_cache import KVCache
 from dllm_jax.model import LoRAConfig, NLDModel, abstract_model, forward, with_attention_impl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_utils as bu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTIONS = ("kernel_tests", "parity", "roofline", "generate")
