@@ -1054,3 +1054,52 @@ def test_interactive_input_that_is_not_text_or_is_gone(tiny_checkpoint):
   proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env, cwd=ROOT,
                         timeout=300)
   assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr
+
+
+# --- decoding knobs ----------------------------------------------------------------------------------
+
+# (name, mode, knobs, culprit): refused when the settings are built (library) and by the CLI before
+# any weight is read. Written from the settings' documented domains (dllm_jax/decode/settings.py).
+KNOB_CASES = [
+    ("diffusion_threshold_negative", "diffusion", {"threshold": -0.1}, "threshold=-0.1"),
+    ("diffusion_threshold_above_one", "diffusion", {"threshold": 1.5}, "threshold=1.5"),
+    ("diffusion_threshold_nan", "diffusion", {"threshold": float("nan")}, "threshold=nan"),
+    ("spec_threshold_two", "spec", {"threshold": 2.0}, "threshold=2.0"),
+    ("temperature_nan", "ar", {"temperature": float("nan")}, "temperature=nan"),
+    ("temperature_inf", "ar", {"temperature": float("inf")}, "temperature=inf"),
+    ("temperature_negative", "ar", {"temperature": -1.0}, "temperature=-1.0"),
+    ("max_new_tokens_float", "ar", {"max_new_tokens": 8.5}, "max_new_tokens=8.5"),
+    ("max_new_tokens_zero", "ar", {"max_new_tokens": 0}, "max_new_tokens=0"),
+    ("seed_beyond_uint32", "ar", {"seed": 2**40}, "seed="),
+    ("eos_beyond_int32", "ar", {"eos_token_ids": (2**40,)}, "eos_token_ids"),
+    ("mask_id_beyond_int32", "spec", {"mask_token_id": 2**40}, "mask_token_id="),
+    ("spec_block_of_one", "spec", {"block_length": 1}, "block_length=1"),
+    ("thinking_budget_negative", "ar", {"max_thinking_tokens": -1}, "max_thinking_tokens=-1"),
+    ("knob_of_another_mode", "ar", {"threshold": 0.5}, "threshold is not a setting of ar"),
+]
+
+
+@pytest.mark.parametrize("name,mode,knobs,culprit", KNOB_CASES, ids=[c[0] for c in KNOB_CASES])
+def test_decoding_knobs_outside_their_domain(name, mode, knobs, culprit):
+  from dllm_jax.decode import settings_for
+  with pytest.raises(ValueError) as e:
+    settings_for(mode, **knobs)
+  assert culprit in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+# The same through the CLI flags (a representative handful; each refused before loading weights).
+CLI_KNOB_CASES = [
+    (["--config.mode=diffusion", "--config.diffusion_threshold=1.5"],
+     "--config.diffusion_threshold=1.5"),
+    (["--config.mode=spec", "--config.spec_threshold=2"], "--config.spec_threshold=2"),
+    (["--config.temperature=nan"], "--config.temperature=nan"),
+    (["--config.seed=1099511627776"], "--config.seed="),
+    (["--config.mode=spec", "--config.mask_token_id=300"], "mask_token_id=300"),
+]
+
+
+@pytest.mark.parametrize("args,culprit", CLI_KNOB_CASES, ids=[a[0][-1] for a in CLI_KNOB_CASES])
+def test_decoding_knobs_outside_their_domain_in_the_cli(tiny_checkpoint, args, culprit):
+  proc = run_generate(f"--config.checkpoint={tiny_checkpoint}", "--config.max_new_tokens=32",
+                      "--config.block_length=8", *args)
+  assert_usage_error(proc, culprit)
