@@ -453,22 +453,9 @@ def main(argv: list[str], config_flag, json_flag, gpu_flag) -> None:
     print(f"\n[bench] wrote {json_flag.value}")
 
 
-def _plain(x: Any) -> Any:
-  """JSON-safe values: numpy scalars to Python, NaN to null."""
-  if isinstance(x, dict):
-    return {k: _plain(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_plain(v) for v in x]
-  if isinstance(x, np.generic):
-    x = x.item()
-  if isinstance(x, float) and x != x:
-    return None
-  return x
-
-
 def write_json(report: dict[str, Any], path: str) -> None:
   """Writes via a temporary file, so a failed run never leaves a truncated report behind."""
-  write_text_atomic(path, json.dumps(_plain(report), indent=1))
+  write_text_atomic(path, json.dumps(bu.json_safe(report), indent=1))
 
 
 if __name__ == "__main__":

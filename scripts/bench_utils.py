@@ -28,6 +28,19 @@ from dllm_jax.config import ModelConfig
 from dllm_jax.kv_cache import KVCache
 from dllm_jax.model import NLDModel, forward, param_count
 
+def json_safe(x: Any) -> Any:
+  """JSON-safe values for the reports: numpy scalars to Python, NaN and infinities to null."""
+  if isinstance(x, dict):
+    return {k: json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [json_safe(v) for v in x]
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
 # --- timing and memory ----------------------------------------------------------------------------
 
 

@@ -49,7 +49,6 @@ import dataclasses
 import functools
 import importlib.util
 import json
-import math
 import pathlib
 import re
 import subprocess
@@ -487,20 +486,7 @@ def render(report: dict[str, Any]) -> str:
 
 
 def write_report(out: pathlib.Path, report: dict[str, Any]) -> None:
-  write_text_atomic(out / "gpu_check.json", json.dumps(_plain(report), indent=1))
-
-
-def _plain(x: Any) -> Any:
-  """JSON-safe values: numpy scalars to Python, NaN to null."""
-  if isinstance(x, dict):
-    return {k: _plain(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_plain(v) for v in x]
-  if isinstance(x, np.generic):
-    x = x.item()
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
+  write_text_atomic(out / "gpu_check.json", json.dumps(bu.json_safe(report), indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,9 +28,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dllm_jax.decode import ar, block_diffusion, speculative
-from dllm_jax.decode.common import (MAX_EOS, NO_BUDGET, Ctx, GenerateResult, Settings,
-                                    bucket_length, cache_length, pad_prompts, prefill)
-from dllm_jax.decode.settings import AR, DecodeSettings, Diffusion, Spec, settings_for
+from dllm_jax.decode.common import (NO_BUDGET, Ctx, GenerateResult, Settings, bucket_length,
+                                    cache_length, pad_prompts, prefill)
+from dllm_jax.decode.settings import (MAX_EOS, AR, DecodeSettings, Diffusion, Spec,  # noqa: F401
+                                      settings_for)
 from dllm_jax.kv_cache import KVCache
 from dllm_jax.sharding import gather
 

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dllm_jax.decode.settings import MAX_EOS  # noqa: F401  (re-exported for the modes)
 from dllm_jax.kv_cache import KVCache
 from dllm_jax.model import forward
 
@@ -56,7 +55,7 @@ class Ctx:
   """What a step needs: the split model, the static settings and the traced per-call knobs.
 
   use_threshold: diffusion: threshold rule (else the transfer schedule); spec: threshold > 0.
-  eos_ids: [MAX_EOS] int32 padded with -1. think_budget: max_thinking_tokens, or NO_BUDGET when
+  eos_ids: [settings.MAX_EOS] int32 padded with -1. think_budget: max_thinking_tokens, or NO_BUDGET when
   the budget is off (end_think_id is then -1 and matches nothing).
   """
   graphdef: nnx.GraphDef
