@@ -1,9 +1,20 @@
 """Shared fixtures: tiny random transformers reference models and their dllm_jax twins."""
 
+from __future__ import annotations
+
 import os
 
 # Tests run on the CPU with deterministic fp32 unless a test opts into something else.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile hundreds of small programs and run each a few times: LLVM's optimisation of the
+# generated CPU code is most of their compile time and buys nothing at these sizes. XLA's own
+# (HLO) passes, which decide fusion and copies, still run. Subprocesses inherit it.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_backend_optimization_level=0").strip()
+# The PyTorch references run tiny models, where torch's worker threads only cost: one thread
+# halves their CPU time on a 2-core machine (set before torch is first imported).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
@@ -37,6 +48,15 @@ def make_torch_ministral(rope=None, *, vocab=128, hidden=48, layers=2, heads=4, 
 
 def torch_state_dict(model):
   return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+
+def cpu_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+  """This process's environment for a child on the CPU, with `devices` simulated host devices
+  (fixed when jax starts, hence a child) added to the inherited XLA_FLAGS."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if devices is not None:
+    flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, **extra}
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from dllm_jax import checkpoint as ckpt_lib
 from dllm_jax import gguf as gguf_lib
 from dllm_jax import safetensors_io
 from dllm_jax.checkpoint import CheckpointError, export_hf, load_pretrained, save_converted
-from dllm_jax.config import DLM_PARADIGMS, ModelConfig, preset
+from dllm_jax.config import ModelConfig, preset
 from tiny_nld import write_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

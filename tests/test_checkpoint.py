@@ -27,6 +27,7 @@ from dllm_jax.config import ModelConfig, preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import convert_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conftest import cpu_env
 
 CFG = preset("tiny")
 RANK, ALPHA = 8, 32.0
@@ -403,10 +404,8 @@ def test_load_onto_mesh(ckpts, torch_model, tmp_path):
   want = {False: cu.torch_logits(torch_model, TOKENS), True: cu.torch_logits(draft_model, TOKENS)}
   npz = tmp_path / "io.npz"
   np.savez(npz, tokens=TOKENS)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", MESH_WORKER, str(ckpts["fp32"]),
-                         str(tmp_path / "conv"), str(npz)], env=env, capture_output=True,
+                         str(tmp_path / "conv"), str(npz)], env=cpu_env(devices=8), capture_output=True,
                         text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = np.load(npz)

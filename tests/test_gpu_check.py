@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -43,12 +44,8 @@ def _positive_finite(x) -> bool:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("gpu_check")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-         # Compilation dominates at tiny shapes; unoptimised CPU code is several times faster to
-         # build and fast enough to run.
-         "XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
-                                             "--xla_backend_optimization_level=0"]))}
+  env = cpu_env(
+      PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
   proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), f"--out={out}",
                          "--cpu_smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=900, check=False)

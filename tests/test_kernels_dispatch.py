@@ -3,7 +3,6 @@ dispatcher, its gradients, "auto"/"cudnn"/"triton" on CPU, and the whole model w
 
 import functools
 import importlib.util
-import os
 import subprocess
 import sys
 
@@ -19,6 +18,8 @@ from dllm_jax import attention as A
 from dllm_jax.config import preset
 from dllm_jax.kv_cache import KVCache
 from dllm_jax.model import NLDModel, forward
+
+from conftest import cpu_env
 
 
 @pytest.fixture(autouse=True)
@@ -204,8 +205,6 @@ print("OK")
 def test_kernels_see_local_shards_under_a_mesh():
   # Four host devices need XLA_FLAGS before jax starts, hence a child process. The wrapped
   # function stands in for a kernel (Mosaic GPU interpret mode simulates a single device).
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
-  r = subprocess.run([sys.executable, "-c", _SHARD_CHECK], env=env, capture_output=True,
+  r = subprocess.run([sys.executable, "-c", _SHARD_CHECK], env=cpu_env(devices=4), capture_output=True,
                      text=True, timeout=300, check=False)
   assert r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-3000:]

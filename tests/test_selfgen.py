@@ -1,10 +1,13 @@
 """Self-generated training data: each prompt completed with the model's greedy answer, checked
 against a plain argmax loop over full causal forwards (no cache, no decoding engine)."""
 
+import functools
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from dllm_jax.checkpoint import load_pretrained
 from dllm_jax.tokenizer import TextTokenizer
@@ -14,12 +17,23 @@ from tiny_nld import write_checkpoint
 MAX_NEW = 6
 
 
-def greedy(model, ids, eos_ids):
+@functools.partial(jax.jit, static_argnums=0)
+def causal_logits(graphdef, state, tokens):
+  return nnx.merge(graphdef, state)(tokens, pattern="causal")[0]
+
+
+def greedy(model, ids, eos_ids, width=64):
+  """Right-padded to one width so every forward has the same shape (one compiled program): under
+  the causal pattern the padding after position i cannot change the logits at i."""
+  graphdef, state = nnx.split(model)
   ids = list(ids)
   out = []
   for _ in range(MAX_NEW):
-    logits, _ = model(jnp.asarray([ids]), pattern="causal")
-    t = int(np.argmax(np.asarray(logits[0, -1], np.float32)))
+    assert len(ids) <= width, "widen the reference's padding"
+    padded = np.zeros((1, width), np.int32)
+    padded[0, :len(ids)] = ids
+    logits = causal_logits(graphdef, state, jnp.asarray(padded))
+    t = int(np.argmax(np.asarray(logits[0, len(ids) - 1], np.float32)))
     out.append(t)
     ids.append(t)
     if t in eos_ids:

@@ -6,9 +6,10 @@ with `--xla_force_host_platform_device_count=4`; it runs the one-device referenc
 mesh over its first device) and prints the largest parameter difference per mesh.
 """
 
-import os
 import subprocess
 import sys
+
+from conftest import cpu_env
 
 WORKER = r"""
 import jax, numpy as np, optax
@@ -39,9 +40,7 @@ for shape in ((4, 1), (2, 2)):
 
 
 def test_sharded_training_steps_match_one_device():
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  out = subprocess.run([sys.executable, "-c", WORKER], env=env, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, "-c", WORKER], env=cpu_env(devices=4), capture_output=True, text=True,
                        timeout=300, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.strip().splitlines()
