@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import os
 import shlex
+import signal
 import sys
 
 from absl import flags
@@ -192,8 +193,13 @@ def main(argv: list[str]) -> int:
   server = uvicorn.Server(uvicorn.Config(app, host=c.host, port=c.port, log_level=c.log_level,
                                          timeout_graceful_shutdown=c.shutdown_timeout,
                                          access_log=True))
+  # uvicorn handles SIGINT / SIGTERM (stop accepting, wait for requests in flight) and then raises
+  # the signal again for the handler that was in place before it: by then the server has stopped,
+  # so that handler ignores it and the process exits 0.
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda *_: None)
   try:
-    server.run()  # SIGINT / SIGTERM: stop accepting, wait for requests in flight, return
+    server.run()
   finally:
     engine.stop(cancel=True, timeout=60)
   return 0
