@@ -145,6 +145,26 @@ def test_the_queue_is_bounded(engine):
   assert _idle(engine)
 
 
+def test_batched_steps_keep_slots_apart(model, expected):
+  """batched=True: one vmapped step per group over all slots. Greedy requests of two modes, one
+  cancelled mid-flight, the others equal to generate alone (the structured model's confident
+  choices leave no near-tie for batch rounding to flip)."""
+  e = Engine(model, EngineConfig(slots=2, max_prompt_tokens=16, max_new_tokens=N,
+                                 modes=("ar", "spec"), block_lengths=(4,), sampling=False,
+                                 batched=True))
+  e.start()
+  try:
+    cancelled = e.submit(CASES[2][0], CASES[2][1], listener=lambda r: r.cancel())
+    requests = [e.submit(*CASES[0]), e.submit(*CASES[2])]
+    for r in [cancelled, *requests]:
+      assert r.wait(WAIT)
+  finally:
+    e.stop(cancel=True, timeout=WAIT)
+  assert cancelled.finish_reason == "cancelled"
+  _same_as_alone(requests[0], expected[0], CASES[0][1])
+  _same_as_alone(requests[1], expected[2], CASES[2][1])
+
+
 def test_bad_requests_are_refused_with_the_field_named(engine):
   with pytest.raises(PromptTooLong, match="33 tokens"):
     engine.submit(list(range(1, 34)), AR(max_new_tokens=4))
