@@ -117,6 +117,17 @@ def test_cancel_frees_the_slot_and_the_next_request_is_unaffected(engine, expect
   _same_as_alone(after, expected[5], CASES[5][1])
 
 
+def test_a_failing_listener_fails_nothing_else(engine, expected):
+  def broken(request):
+    raise RuntimeError("listener bug")
+
+  first = engine.submit(*CASES[0], listener=broken)
+  second = engine.submit(*CASES[1])
+  assert first.wait(WAIT) and second.wait(WAIT)
+  _same_as_alone(first, expected[0], CASES[0][1])
+  _same_as_alone(second, expected[1], CASES[1][1])
+
+
 def test_the_queue_is_bounded(engine):
   gate = threading.Event()
   held = []
@@ -285,6 +296,44 @@ def test_models_health_and_auth(client, server):
       bad.models.list()
     assert e.value.body["code"] == "invalid_api_key"
   assert httpx.get(f"{server}/v1/models", trust_env=False).status_code == 401
+  # No CORS unless configured: a cross-origin caller gets no allow-origin header.
+  r = httpx.get(f"{server}/v1/models", headers={"Authorization": f"Bearer {KEY}",
+                                                "Origin": "https://elsewhere.example"},
+                trust_env=False)
+  assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_concurrent_connection_limit():
+  import asyncio
+  from dllm_jax.serving.http import ServerConfig, _Guard  # pylint: disable=protected-access
+  release = asyncio.Event()
+
+  async def slow_app(scope, receive, send):
+    await release.wait()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+  async def call(guard):
+    sent = []
+
+    async def send(message):
+      sent.append(message)
+
+    scope = {"type": "http", "path": "/v1/models", "headers": [], "method": "GET"}
+    await guard(scope, None, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+  async def scenario():
+    guard = _Guard(slow_app, ServerConfig(model_name="tiny", max_connections=2))
+    busy = [asyncio.ensure_future(call(guard)) for _ in range(2)]
+    await asyncio.sleep(0)
+    status, body = await call(guard)
+    release.set()
+    return status, body, [await b for b in busy]
+
+  status, body, others = asyncio.run(scenario())
+  assert status == 503 and b"too many concurrent requests (limit 2)" in body
+  assert [s for s, _ in others] == [200, 200]
 
 
 @pytest.mark.parametrize("kwargs, status, param", [
