@@ -314,10 +314,6 @@ class Engine:
     from dllm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
     return sharding_lib.put(x, sharding)
 
-  def _knob_template(self) -> dict[str, np.ndarray]:
-    _, _, knobs = decode._prepare(self.model, [[0]], AR(max_new_tokens=1))  # pylint: disable=protected-access
-    return knobs
-
   # --- start-up -----------------------------------------------------------------------------------
 
   def start(self, progress: bool = False) -> None:
@@ -328,11 +324,10 @@ class Engine:
       sharding_lib.validate_mesh(cfg, self.mesh, batch=slots)
       self._cache_sharding = sharding_lib.cache_shardings(self.mesh, cfg)
     self._cache = self._fresh_cache()
-    template = self._knob_template()
+    _, _, template = decode._prepare(self.model, [[0]], AR(max_new_tokens=1))  # pylint: disable=protected-access
     self._knobs = {k: np.zeros((slots, *np.shape(v)), np.asarray(v).dtype)
                    for k, v in template.items()}
-    vocab = cfg.vocab_size
-    logits_spec = jax.ShapeDtypeStruct((1, vocab), self.model.dtype)
+    logits_spec = jax.ShapeDtypeStruct((1, cfg.vocab_size), self.model.dtype)
     self._carries, self._carry_shapes = {}, {}
     jobs = [("prefill", b) for b in self.buckets] + [(kind, g) for g in self.groups
                                                       for kind in ("init", "step")]
@@ -377,7 +372,7 @@ class Engine:
     if kind == "prefill":
       fn = functools.partial(_prefill, self._graphdef)
       args = (self._params, cache, slot, host((1, what), np.int32), host((1,), np.int32))
-      donate, outs = (1,), (self._replicated(), self._cache_sharding_or_none())
+      donate, outs = (1,), (self._replicated(), self._cache_sharding)
     elif kind == "init":
       fn = functools.partial(_init, self._graphdef, self.statics[what])
       carry = jax.tree.map(spec, self._carries[what])
@@ -397,9 +392,6 @@ class Engine:
                                               jax.tree.map(lambda x: x.sharding, carry))
     kw = {} if self.mesh is None else dict(out_shardings=outs)
     return jax.jit(fn, donate_argnums=donate, **kw).lower(*args)
-
-  def _cache_sharding_or_none(self):
-    return None if self.mesh is None else self._cache_sharding
 
   # --- requests -----------------------------------------------------------------------------------
 
