@@ -24,11 +24,11 @@ import functools
 import importlib.util
 import os
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dllm_jax.kernels.split_kv import quadratic_block_length
 
 MASK_PATTERNS = ("causal", "prefix", "bidirectional", "block_diff", "quadratic")
 # Patterns whose queries bring their own keys (block_k/block_v) next to a read-only cache.
@@ -60,14 +60,6 @@ def block_diff_mask(n: int, block_size: int) -> jax.Array:
   offset_block_causal = q_noisy & ~k_noisy & (k_blk < q_blk)
   fully_causal = ~q_noisy & ~k_noisy & (idx[None, :] <= idx[:, None])
   return block_diagonal | offset_block_causal | fully_causal
-
-
-def quadratic_block_length(num_queries: int) -> int:
-  """B of a quadratic round of num_queries = B(B+1) tokens; a one-line error for other counts."""
-  size = (math.isqrt(4 * num_queries + 1) - 1) // 2
-  if size < 1 or size * (size + 1) != num_queries:
-    raise ValueError(f"a quadratic round has B(B+1) tokens for a block length B, got {num_queries}")
-  return size
 
 
 def quadratic_mask(block_length: int) -> np.ndarray:

@@ -45,8 +45,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from dllm_jax.attention import quadratic_block_length
 from dllm_jax.kernels import split_kv
+from dllm_jax.kernels.split_kv import quadratic_block_length
 
 PATTERNS = ("causal", "prefix", "bidirectional", "block_diff", "quadratic")
 _ROW_GRANULE = 64  # wgmma M granule on Hopper

@@ -7,6 +7,8 @@ per-row natural-log LSE; `combine` merges them exactly.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -55,6 +57,15 @@ def block_partial(q, block_k, block_v, key_valid, scale):
   o = jnp.einsum("bgtrs,bsgd->bgtrd", p.astype(block_v.dtype), block_v,
                  preferred_element_type=jnp.float32)
   return o.reshape(b, g, t * (h // g), d), lse.reshape(b, g, t * (h // g))
+
+
+def quadratic_block_length(num_queries: int) -> int:
+  """B of a quadratic self-speculation round of num_queries = B(B+1) tokens (one-line error for
+  other counts)."""
+  size = (math.isqrt(4 * num_queries + 1) - 1) // 2
+  if size < 1 or size * (size + 1) != num_queries:
+    raise ValueError(f"a quadratic round has B(B+1) tokens for a block length B, got {num_queries}")
+  return size
 
 
 def quadratic_partial(q, block_k, block_v, block_length, scale):
