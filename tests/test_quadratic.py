@@ -5,13 +5,13 @@ reference's forwards as one explicit-mask forward without a cache."""
 
 import itertools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import decode_reference as ref
-from dllm_jax import NLDModel, preset
+from dllm_jax import LoRAConfig, NLDModel, preset
 from dllm_jax.attention import attention_reference, quadratic_mask, quadratic_offsets
 from dllm_jax.decode import AR, Quadratic, generate, settings_for
 from dllm_jax.kv_cache import KVCache
@@ -127,7 +127,7 @@ def _engine_knobs(eos, think):
 
 @pytest.mark.parametrize("block_length", [4, 8, 16])
 def test_matches_reference(model, eager, block_length):
-  stats = {"multi_token_rounds": 0, "mid_round_eos": 0, "forced_end_think": 0}
+  multi_token_rounds = 0
   for i, prompt in enumerate(PROMPTS):
     eos, think = EOS_THINK[(i + block_length) % len(EOS_THINK)]
     want, want_nfe, want_acc = ref.quadratic_speculation(
@@ -139,10 +139,8 @@ def test_matches_reference(model, eager, block_length):
     assert got.tokens[0] == want, case
     assert got.nfe[0] == want_nfe and got.decode_nfe[0] == want_nfe - 1 == len(want_acc), case
     assert got.accepted_lengths[0] == want_acc, case
-    stats["multi_token_rounds"] += sum(a > 1 for a in want_acc)
-    stats["mid_round_eos"] += eos is not None and want[-1] == EOS and sum(want_acc) > len(want)
-    stats["forced_end_think"] += bool(think) and END_THINK in want
-  assert stats["multi_token_rounds"] >= 3, stats  # several tokens accepted per forward
+    multi_token_rounds += sum(a > 1 for a in want_acc)
+  assert multi_token_rounds >= 3  # several tokens accepted per forward
 
 
 def test_eos_mid_round_thinking_budget_and_mix_weight_match_reference(model, eager):
@@ -167,8 +165,9 @@ def test_eos_mid_round_thinking_budget_and_mix_weight_match_reference(model, eag
 
 
 def test_plain_random_model_matches_reference():
-  from flax import nnx
-  model = NLDModel(preset("tiny"), rngs=nnx.Rngs(3))
+  # Built like the structured model (same config and adapter shapes), so the engine's and the
+  # transcription's compiled programs are reused; only the weights differ.
+  model = NLDModel(preset("tiny"), lora=LoRAConfig(4, 8), rngs=nnx.Rngs(3))
   want, want_nfe, want_acc = ref.quadratic_speculation(
       ref.Eager(model), PROMPTS[2], max_new_tokens=N, block_length=8, eos=None,
       max_thinking_tokens=None, end_think=None, mask_id=MASK)
