@@ -210,3 +210,6 @@ def test_streaming_no_recompile_and_settings(model):
       Quadratic(**kw)
   with pytest.raises(ValueError, match="threshold is not a setting of quadratic"):
     settings_for("quadratic", threshold=0.5)
+  # The last sub-block's MASKs reach 2B - 1 positions past a round's start: 10 + 1000 + 15 > 1024.
+  with pytest.raises(ValueError, match=r"\+ 2 \* block_length - 1 = 1025 exceeds"):
+    generate(model, [[1] * 10], Quadratic(max_new_tokens=1000, block_length=8))

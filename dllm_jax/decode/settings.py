@@ -102,7 +102,7 @@ class DecodeSettings:
     reach = max(prompt_lengths) + out.max_new_tokens + out.overshoot
     if reach > cfg.max_position_embeddings:
       raise ValueError(f"longest prompt ({max(prompt_lengths)}) + max_new_tokens"
-                       f"{' + block_length' if out.overshoot else ''} = {reach} exceeds the "
+                       f"{out.overshoot_term if out.overshoot else ''} = {reach} exceeds the "
                        f"model's max_position_embeddings={cfg.max_position_embeddings}")
     return out
 
@@ -110,6 +110,8 @@ class DecodeSettings:
   def overshoot(self) -> int:
     """Positions a round may use past max_new_tokens (speculation verifies a whole block)."""
     return 0
+
+  overshoot_term: ClassVar[str] = " + block_length"  # how errors spell `overshoot`
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -250,9 +252,12 @@ class Quadratic(_Blocks):
     if self.block_length is not None:
       self._check_multiple()
 
+  # The MASKs of the last sub-block sit up to 2B - 1 positions past the round's cache length.
+  overshoot_term: ClassVar[str] = " + 2 * block_length - 1"
+
   @property
   def overshoot(self) -> int:
-    return self.block_length
+    return 2 * self.block_length - 1
 
   def resolve(self, cfg, prompt_lengths):
     mask = cfg.mask_token_id if self.mask_token_id is None else self.mask_token_id
