@@ -244,7 +244,7 @@ def _check_inputs(q, k, v, mask, q_offset, kv_len, block_k, block_v, key_valid, 
   if mask == "causal" and q_offset is not None and q_offset.shape != (b,):
     raise ValueError(f"q_offset must be [B]=[{b}], got {q_offset.shape}")
   if mask == "quadratic":
-    quadratic_block_length(t)
+    quadratic_block_length(t)  # raises unless T = B(B+1)
   if mask in ("prefix", "quadratic"):
     if kv_len is None or kv_len.shape != (b,):
       raise ValueError(f"kv_len must be [B]=[{b}], got {None if kv_len is None else kv_len.shape}")
