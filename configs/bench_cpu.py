@@ -38,6 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
                      thresholds=(0.9, 0.0))
   c.spec = dict(models=("nld-100m",), batch_sizes=(1,), max_new_tokens=32, block_length=32,
                 threshold=0.0, lora_rank=128)
+  # One B(B+1)-token forward per round (72 tokens at B = 8): compute-bound on a CPU.
+  c.quadratic = dict(models=("nld-100m",), batch_sizes=(1,), max_new_tokens=32, block_length=8)
 
   c.roofline = roofline_config()
   return c

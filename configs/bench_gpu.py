@@ -24,4 +24,6 @@ def get_config() -> ml_collections.ConfigDict:
   # The PyTorch loop is batch-1 only, as the reference: batch 8 reports the JAX engine alone.
   c.spec = dict(models=("nld-100m",), batch_sizes=(1, 8), max_new_tokens=256, block_length=32,
                 threshold=0.0, lora_rank=128)
+  c.quadratic = dict(models=("nld-100m",), batch_sizes=(1, 8), max_new_tokens=256,
+                     block_length=16)
   return c

@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
                      thresholds=(0.9,))
   c.spec = dict(models=("tiny",), batch_sizes=(1,), max_new_tokens=8, block_length=8,
                 threshold=0.0, lora_rank=8)
+  c.quadratic = dict(models=("tiny",), batch_sizes=(2,), max_new_tokens=8, block_length=4)
   # The roofline section's code path, on the CPU at the tiny size (with --gpu_shapes).
   c.roofline = _cpu["roofline_config"]()
   c.roofline.presets = ("tiny",)

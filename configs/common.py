@@ -26,7 +26,9 @@ def generate_config(**overrides) -> config_dict.ConfigDict:
   # compilation cache: "auto" (~/.cache/dllm_jax/jax; $XDG_CACHE_HOME if set), a directory, "none"
   c.compilation_cache_dir = "auto"
   c.allow_nonfinite = False  # load weights holding NaN or Inf instead of refusing them
-  c.mode = "spec"  # "ar" (autoregressive), "diffusion" (block diffusion), "spec" (self-speculation)
+  # "ar" (autoregressive), "diffusion" (block diffusion), "spec" (linear self-speculation) or
+  # "quadratic" (quadratic self-speculation: one B(B+1)-token forward per round, greedy)
+  c.mode = "spec"
   c.max_new_tokens = 512  # tokens to generate (spec may overshoot by up to block_length - 1)
   # diffusion block / speculative draft length; None: the checkpoint's block_size (NLD: 32)
   c.block_length = config_dict.placeholder(int)
@@ -35,11 +37,15 @@ def generate_config(**overrides) -> config_dict.ConfigDict:
   # threshold=None)
   c.fixed_schedule = False
   c.spec_threshold = 0.0  # spec: draft confidence threshold; 0: one draft forward fills the block
+  # quadratic: weight of the AR logits mixed into the first draft position; None: exact AR (output
+  # = greedy AR)
+  c.ar_mix_weight = config_dict.placeholder(float)
   c.temperature = 0.0  # sampling temperature; 0: greedy
   c.seed = 0  # sampling seed
   c.causal_context = True  # diffusion: seed each block with the causal prediction
   c.max_thinking_tokens = config_dict.placeholder(int)  # thinking budget (needs a </think> token)
-  # mask id for drafting when the checkpoint has none (spec on an AR model; output stays exact)
+  # mask id for drafting when the checkpoint has none (spec/quadratic on an AR model; output stays
+  # exact)
   c.mask_token_id = config_dict.placeholder(int)
   c.max_seq_len = 0  # prompt + new tokens + one block must fit; 0: the model's max positions
   c.prompt = "Write a haiku about the sea."  # the user message

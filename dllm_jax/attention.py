@@ -11,6 +11,10 @@ Patterns (docs/model.md §4):
                   block itself (block_k/block_v, never written to the cache): diffusion denoising steps
                   and speculative drafts.
   "bidirectional" every query sees every (valid) key: diffusion without a cache.
+  "quadratic"     the round of quadratic self-speculation (docs/model.md §5.6): B sub-blocks
+                  [d_i, MASK x B] of B(B+1) queries see the cached prefix s < kv_len[b] and, among
+                  the block's own keys (block_k/block_v, never written here), the drafts d_j for
+                  j <= i and, for the MASK queries only, their own sub-block (`quadratic_mask`).
   "block_diff"    the training dual-stream [noisy ; clean] mask of length 2n (docs/model.md §4.4).
 """
 
@@ -22,8 +26,13 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-MASK_PATTERNS = ("causal", "prefix", "bidirectional", "block_diff")
+from dllm_jax.kernels.split_kv import quadratic_block_length
+
+MASK_PATTERNS = ("causal", "prefix", "bidirectional", "block_diff", "quadratic")
+# Patterns whose queries bring their own keys (block_k/block_v) next to a read-only cache.
+BLOCK_PATTERNS = ("prefix", "quadratic")
 
 
 # --- mask builders (pure, shared by the reference and the tests) ----------------------------------
@@ -51,6 +60,22 @@ def block_diff_mask(n: int, block_size: int) -> jax.Array:
   offset_block_causal = q_noisy & ~k_noisy & (k_blk < q_blk)
   fully_causal = ~q_noisy & ~k_noisy & (idx[None, :] <= idx[:, None])
   return block_diagonal | offset_block_causal | fully_causal
+
+
+def quadratic_mask(block_length: int) -> np.ndarray:
+  """[T, T] bool over the T = B(B+1) tokens of a quadratic round, token i(B+1) + m being slot m of
+  sub-block i (m = 0: the draft d_i; m > 0: a MASK). Query (i, m) sees key (j, n) iff the key is
+  an earlier-or-own draft (n = 0, j <= i) or, for a MASK query, any token of its own sub-block."""
+  sub, slot = np.divmod(np.arange(block_length * (block_length + 1)), block_length + 1)
+  draft_seen = (slot[None, :] == 0) & (sub[None, :] <= sub[:, None])
+  own_sub_block = (sub[None, :] == sub[:, None]) & (slot[:, None] > 0)
+  return draft_seen | own_sub_block
+
+
+def quadratic_offsets(block_length: int) -> np.ndarray:
+  """[T] position of each round token past the cache length: slot m of sub-block i is at i + m."""
+  sub, slot = np.divmod(np.arange(block_length * (block_length + 1)), block_length + 1)
+  return (sub + slot).astype(np.int32)
 
 
 # --- reference XLA attention -------------------------------------------------------------------
@@ -81,13 +106,14 @@ def attention_reference(q, k, v, *, mask: str, q_offset=None, kv_len=None, block
   """Plain XLA attention for every pattern; the oracle for kernels. fp32 softmax."""
   b, t, h, d = q.shape
   scale = d ** -0.5 if scale is None else scale
-  if mask == "prefix":
+  if mask in BLOCK_PATTERNS:
     # Scores against cache and block are computed separately and softmaxed jointly, so the
     # read-only cache is never concatenated with (copied next to) the block.
     s_cache = _scores(q, k, scale)
     s_blk = _scores(q, block_k, scale)
     m_cache = prefix_mask(kv_len, t, k.shape[1])[:, None, None]
-    m_blk = jnp.ones((b, 1, 1, t, block_k.shape[1]), bool)
+    m_blk = (jnp.ones((b, 1, 1, t, block_k.shape[1]), bool) if mask == "prefix" else
+             jnp.asarray(quadratic_mask(quadratic_block_length(t)))[None, None, None])
     if key_valid is not None:
       m_blk = m_blk & key_valid[:, None, None, None, :]
     p = _masked_softmax(jnp.concatenate([s_cache, s_blk], -1),
@@ -254,10 +280,12 @@ def _cudnn_attention(q, k, v, *, mask: str, q_offset=None, kv_len=None, block_k=
                      f"got {q.dtype} and head_dim {q.shape[3]}")
   b, t = q.shape[:2]
   kw = dict(scale=scale, implementation="cudnn")
-  if mask == "prefix":
+  if mask in BLOCK_PATTERNS:
     k, v = jnp.concatenate([k, block_k], 1), jnp.concatenate([v, block_v], 1)
     blk = jnp.ones((b, t, t), bool) if key_valid is None else jnp.broadcast_to(
         key_valid[:, None, :], (b, t, t))
+    if mask == "quadratic":
+      blk = blk & jnp.asarray(quadratic_mask(quadratic_block_length(t)))[None]
     m = jnp.concatenate([prefix_mask(kv_len, t, k.shape[1] - t), blk], -1)
     return jax.nn.dot_product_attention(q, k, v, mask=m[:, None], **kw)
   if mask == "causal" and key_valid is None and (q_offset is None and t == k.shape[1]):

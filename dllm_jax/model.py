@@ -14,6 +14,10 @@ decided once per forward (`attention_pattern`), and what happens to the cache:
   "bidirectional"  with a cache: the input block attends to the read-only cached prefix and
                    bidirectionally to itself; the cache is returned unchanged (unless `append`).
                    Without: full bidirectional attention.
+  "quadratic"      a quadratic self-speculation round (docs/model.md §5.6): B sub-blocks
+                   [d_i, MASK x B] under `attention.quadratic_mask` against the read-only cached
+                   prefix, each token at its own position (cache length + i + m); only the K/V of
+                   the B drafts d_i (causal K/V) are then written at the cache length.
   "block_diff"     training dual stream [noisy ; clean] (docs/model.md §4.4), no cache.
 """
 
@@ -33,7 +37,7 @@ from dllm_jax import attention as attn_lib
 from dllm_jax.config import ModelConfig
 from dllm_jax.kv_cache import KVCache, write_layer
 
-PATTERNS = ("causal", "bidirectional", "block_diff")
+PATTERNS = ("causal", "bidirectional", "block_diff", "quadratic")
 
 
 # Linear modules an adapter may target (PEFT `target_modules` names) -> the layer submodule
@@ -290,6 +294,8 @@ def attention_pattern(pattern: str, cache: KVCache | None, *, append: bool, impl
   if cache is None:
     if append:
       raise ValueError("append=True needs a cache")
+    if pattern == "quadratic":
+      raise ValueError("the quadratic pattern needs a cache")
     extra = dict(block_size=block_size) if pattern == "block_diff" else {}
 
     def attend(q, k, v, kbuf, vbuf):
@@ -299,6 +305,14 @@ def attention_pattern(pattern: str, cache: KVCache | None, *, append: bool, impl
   if pattern == "block_diff":
     raise ValueError("block_diff is a training pattern and takes no cache")
   offsets = cache.lengths
+  if pattern == "quadratic":
+    def attend(q, k, v, kbuf, vbuf):
+      o = attn_lib.attention(q, kbuf, vbuf, mask="quadratic", kv_len=offsets, block_k=k,
+                             block_v=v, impl=impl)
+      # Draft d_i is token i(B+1): strided slices of the round's K/V, scattered into the cache.
+      step = attn_lib.quadratic_block_length(q.shape[1]) + 1
+      return o, write_layer(kbuf, k[:, ::step], offsets), write_layer(vbuf, v[:, ::step], offsets)
+    return attend
   if pattern == "causal":
     def attend(q, k, v, kbuf, vbuf):
       kbuf, vbuf = write_layer(kbuf, k, offsets), write_layer(vbuf, v, offsets)
@@ -334,7 +348,7 @@ class NLDModel(nnx.Module):
                qscale_positions: jax.Array | None = None):
     """tokens [B, T] -> (logits [B, T, V] in the compute dtype, cache).
 
-    pattern: "causal", "bidirectional" or "block_diff" (module docstring).
+    pattern: "causal", "bidirectional", "quadratic" or "block_diff" (module docstring).
     cache: with "causal", the input's K/V are appended at each row's length; with
       "bidirectional", the input attends to the cached prefix read-only, unless `append`.
     append: "bidirectional" with a cache only: also write the input's K/V, like a causal call
@@ -346,7 +360,7 @@ class NLDModel(nnx.Module):
     logits_at: [B, K] input indices: return logits [B, K, V] at those positions only (a prefill
       needs one row per sequence; the full [B, T, V] would dwarf the activations at vocab 131k).
     positions: absolute positions [B, T]; default: cache length + arange(T) (0.. without cache;
-      for block_diff both halves get 0..n-1). qscale_positions: positions for the Llama-4 query
+      for block_diff both halves get 0..n-1; for quadratic cache length + i + m). qscale_positions: positions for the Llama-4 query
       scale when they differ from the RoPE positions (training uses 0..2n-1 over both halves).
     """
     cfg = self.cfg
@@ -364,6 +378,9 @@ class NLDModel(nnx.Module):
         positions = jnp.broadcast_to(jnp.concatenate([half, half])[None], (b, t))
         if qscale_positions is None:
           qscale_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+      elif pattern == "quadratic":
+        size = attn_lib.quadratic_block_length(t)
+        positions = offsets[:, None] + jnp.asarray(attn_lib.quadratic_offsets(size))[None, :]
       else:
         positions = offsets[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     if qscale_positions is None:
@@ -390,7 +407,9 @@ class NLDModel(nnx.Module):
       logits = self.encoder.embed_tokens.attend(z)
     else:
       logits = self.diffusion_head(z)
-    if cache is not None and (pattern == "causal" or append):
+    if cache is not None and pattern == "quadratic":
+      cache = KVCache(tuple(ks), tuple(vs), offsets + attn_lib.quadratic_block_length(t))
+    elif cache is not None and (pattern == "causal" or append):
       appended = jnp.full((b,), t, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
       cache = KVCache(tuple(ks), tuple(vs), offsets + appended)
     return logits, cache

@@ -2,7 +2,9 @@
 
 Patterns (see `dllm_jax.attention`): "causal" with a per-row cache offset (single-token AR decode,
 the 32-token verify / commit block, prefill), "prefix" (a block of T queries over the read-only
-cache slots < kv_len[b] plus the block's own keys), "bidirectional" and the training "block_diff".
+cache slots < kv_len[b] plus the block's own keys), "quadratic" (the B(B+1) queries of a quadratic
+self-speculation round over the same read-only cache plus their own keys under the quadratic mask),
+"bidirectional" and the training "block_diff".
 
 Layout of the work:
   * GQA folded into the tile rows: the R = H / G query heads that share kv head g are stacked with
@@ -20,6 +22,11 @@ Layout of the work:
   * "prefix": the block's own T keys are a T x T problem per kv head. They join the combine step as
     one extra partial computed by XLA (`split_kv.block_partial`), so the read-only cache is never
     concatenated with the block and the kernel only streams the cache.
+  * "quadratic": every one of the B(B+1) queries sees the whole cache prefix, so the kernel streams
+    it exactly as for "prefix" (one interval [0, kv_len), all B(B+1) * R rows per K/V tile: each
+    cache tile is read once per row tile and serves B + 1 candidate continuations). The round's own
+    keys join as one extra partial (`split_kv.quadratic_partial`), which scores each query against
+    only the 2B keys its mask can admit. No mask over the cache or the round is ever built.
 
 The same kernel body runs on CPU in Mosaic GPU interpret mode (`interpret=True`), which simulates
 TMA, barriers and wgmma, so CPU tests exercise the code that compiles for Hopper. On GPU, fp32
@@ -39,8 +46,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dllm_jax.kernels import split_kv
+from dllm_jax.kernels.split_kv import quadratic_block_length
 
-PATTERNS = ("causal", "prefix", "bidirectional", "block_diff")
+PATTERNS = ("causal", "prefix", "bidirectional", "block_diff", "quadratic")
 _ROW_GRANULE = 64  # wgmma M granule on Hopper
 _NEG = split_kv.NEG
 _LOG2E = math.log2(math.e)
@@ -96,7 +104,7 @@ def _key_intervals(st: _Static, t, base):
   zero = jnp.zeros_like(t)
   if st.pattern == "causal":  # base = q_offset + 1
     return zero, base + t, zero, zero
-  if st.pattern in ("prefix", "bidirectional"):  # base = number of visible cache slots
+  if st.pattern in ("prefix", "quadratic", "bidirectional"):  # base = visible cache slots
     return zero, zero + base, zero, zero
   n, bs = st.num_queries // 2, st.diff_block  # block_diff over [noisy ; clean], docs/model.md §4.4
   noisy = t < n
@@ -235,7 +243,9 @@ def _check_inputs(q, k, v, mask, q_offset, kv_len, block_k, block_v, key_valid, 
     raise ValueError(f"key_valid is only supported with mask='prefix', got mask={mask!r}")
   if mask == "causal" and q_offset is not None and q_offset.shape != (b,):
     raise ValueError(f"q_offset must be [B]=[{b}], got {q_offset.shape}")
-  if mask == "prefix":
+  if mask == "quadratic":
+    quadratic_block_length(t)  # raises unless T = B(B+1)
+  if mask in ("prefix", "quadratic"):
     if kv_len is None or kv_len.shape != (b,):
       raise ValueError(f"kv_len must be [B]=[{b}], got {None if kv_len is None else kv_len.shape}")
     want = (b, t, k.shape[2], d)
@@ -281,7 +291,8 @@ def flash_attention(q, k, v, *, mask: str, q_offset=None, kv_len=None, block_k=N
   """Attention for one NLD pattern; same arguments and semantics as `attention_reference`.
 
   q [B,T,H,D]; k, v [B,S,G,D] (slot s = position s); q_offset / kv_len [B] int32; block_k/block_v
-  [B,T,G,D] and key_valid [B,T] (block keys) for "prefix"; block_size for "block_diff".
+  [B,T,G,D] and key_valid [B,T] (block keys) for "prefix"; block_k/block_v for "quadratic" (T =
+  B(B+1)); block_size for "block_diff".
   Returns [B,T,H,D] in q's dtype. `interpret=True` (or an `InterpretGPUParams`, e.g. with
   detect_races=True) runs Mosaic GPU interpret mode, which works on CPU.
   """
@@ -303,7 +314,7 @@ def flash_attention(q, k, v, *, mask: str, q_offset=None, kv_len=None, block_k=N
   if mask == "causal":
     offs = jnp.zeros((b,), jnp.int32) if q_offset is None else q_offset.astype(jnp.int32)
     base, hi = offs + 1, offs + t  # query t sees slots < offs + t + 1
-  elif mask == "prefix":
+  elif mask in ("prefix", "quadratic"):
     base = hi = kv_len.astype(jnp.int32)
   else:
     base = hi = jnp.full((b,), s_len, jnp.int32)
@@ -336,4 +347,5 @@ def flash_attention(q, k, v, *, mask: str, q_offset=None, kv_len=None, block_k=N
   o_parts, lse_parts = kernel(base, hi, split_kv.fold_queries(q.astype(dtype), g, total_rows),
                               k, v)
   return split_kv.finish(o_parts, lse_parts, q, block_k=block_k, block_v=block_v,
-                         key_valid=key_valid, scale=scale)
+                         key_valid=key_valid, scale=scale,
+                         quadratic_block=quadratic_block_length(t) if mask == "quadratic" else 0)

@@ -7,6 +7,8 @@ per-row natural-log LSE; `combine` merges them exactly.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -57,6 +59,49 @@ def block_partial(q, block_k, block_v, key_valid, scale):
   return o.reshape(b, g, t * (h // g), d), lse.reshape(b, g, t * (h // g))
 
 
+def quadratic_block_length(num_queries: int) -> int:
+  """B of a quadratic self-speculation round of num_queries = B(B+1) tokens (one-line error for
+  other counts)."""
+  size = (math.isqrt(4 * num_queries + 1) - 1) // 2
+  if size < 1 or size * (size + 1) != num_queries:
+    raise ValueError(f"a quadratic round has B(B+1) tokens for a block length B, got {num_queries}")
+  return size
+
+
+def quadratic_partial(q, block_k, block_v, block_length, scale):
+  """A quadratic round's own keys (dllm_jax.attention.quadratic_mask) as one more split.
+
+  Query (i, m) sees at most 2B of the B(B+1) round keys: the drafts d_0..d_i and, when m > 0, the
+  B MASKs of its own sub-block. Scores are taken against exactly those two [B]-key sets, so no
+  [T, T] mask or score matrix is formed: B(B+1) x 2B scores per head instead of B^2(B+1)^2.
+  Returns (o [B,G,T*R,D] normalised, lse [B,G,T*R]).
+  """
+  b, t, h, d = q.shape
+  g, size = block_k.shape[2], block_length
+  qg = q.reshape(b, size, size + 1, g, h // g, d)
+
+  def split(x):  # the drafts [b, j, G, D] and each sub-block's MASK keys [b, i, n, G, D]
+    x = x.reshape(b, size, size + 1, g, d)
+    return x[:, :, 0], x[:, :, 1:]
+
+  (k_draft, k_own), (v_draft, v_own) = split(block_k), split(block_v)
+  s_draft = jnp.einsum("bimgrd,bjgd->bgimrj", qg, k_draft, preferred_element_type=jnp.float32)
+  s_own = jnp.einsum("bimgrd,bingd->bgimrn", qg, k_own, preferred_element_type=jnp.float32)
+  sub = jnp.arange(size)
+  draft_seen = (sub[None, :] <= sub[:, None])[:, None, None, :]  # [i, 1, 1, j]
+  own_seen = (jnp.arange(size + 1) > 0)[None, :, None, None]     # [1, m, 1, 1]
+  s = jnp.concatenate([jnp.where(draft_seen, s_draft * scale, NEG),
+                       jnp.where(own_seen, s_own * scale, NEG)], axis=-1)
+  lse = jax.nn.logsumexp(s, axis=-1)
+  p = jnp.exp(s - lse[..., None]).astype(block_v.dtype)
+  o = (jnp.einsum("bgimrj,bjgd->bgimrd", p[..., :size], v_draft,
+                  preferred_element_type=jnp.float32)
+       + jnp.einsum("bgimrn,bingd->bgimrd", p[..., size:], v_own,
+                    preferred_element_type=jnp.float32))
+  rows = t * (h // g)
+  return o.reshape(b, g, rows, d), lse.reshape(b, g, rows)
+
+
 def combine(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
   """Merges normalised split outputs [B,G,n,M,D] with their LSEs [B,G,n,M] -> [B,G,M,D] fp32."""
   lse_max = lse_parts.max(axis=2, keepdims=True)
@@ -65,14 +110,18 @@ def combine(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
 
 
 def finish(o_parts: jax.Array, lse_parts: jax.Array, q: jax.Array, *, block_k=None, block_v=None,
-           key_valid=None, scale: float) -> jax.Array:
+           key_valid=None, scale: float, quadratic_block: int = 0) -> jax.Array:
   """Kernel partials [B,G,n,rows,D] / [B,G,n,rows] -> attention output [B,T,H,D] in q's dtype.
 
-  With block_k/block_v ("prefix"), the block's own keys join as one more split.
+  With block_k/block_v ("prefix", or "quadratic" with its block length `quadratic_block`), the
+  block's own keys join as one more split.
   """
   b, t, h, _ = q.shape
   if block_k is not None:
-    o_blk, lse_blk = block_partial(q, block_k, block_v, key_valid, scale)
+    if quadratic_block:
+      o_blk, lse_blk = quadratic_partial(q, block_k, block_v, quadratic_block, scale)
+    else:
+      o_blk, lse_blk = block_partial(q, block_k, block_v, key_valid, scale)
     pad = o_parts.shape[3] - o_blk.shape[2]
     o_blk = jnp.pad(o_blk, ((0, 0), (0, 0), (0, pad), (0, 0)))
     lse_blk = jnp.pad(lse_blk, ((0, 0), (0, 0), (0, pad)), constant_values=NEG)

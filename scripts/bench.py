@@ -8,8 +8,8 @@ draft, verify, AR step), NFE, tokens per forward, output tokens/s, compile secon
 with the warm-up (compiling) call excluded and medians over repeats. Output tokens only: prompts
 are never counted. The same case then runs on the PyTorch baseline holding the same weights
 (transformers `generate` for AR, the straightforward loops of scripts/torch_reference_decode.py for
-diffusion and spec) and the ratio is reported, with the fraction of positions where both produced
-the same greedy tokens.
+diffusion and spec; quadratic self-speculation has no PyTorch baseline) and the ratio is reported,
+with the fraction of positions where both produced the same greedy tokens.
 
 Engine overhead: each kind of forward is also timed alone (jitted, same shapes, same cache size);
 overhead = 1 - (sum over forwards of their isolated times) / decode time.
@@ -56,9 +56,10 @@ import torch_reference_decode as tref  # pylint: disable=g-import-not-at-top,wro
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-MODES = ("ar", "diffusion", "spec")
+MODES = ("ar", "diffusion", "spec", "quadratic")
 # Forward kinds each mode is made of (see bench_utils.FORWARD_KINDS).
-MODE_FORWARDS = {"ar": ("ar",), "diffusion": ("denoise", "commit"), "spec": ("draft", "verify")}
+MODE_FORWARDS = {"ar": ("ar",), "diffusion": ("denoise", "commit"), "spec": ("draft", "verify"),
+                 "quadratic": ("quadratic",)}
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -121,6 +122,8 @@ def mode_settings(mode: str, config: ml_collections.ConfigDict, threshold: float
   kw = dict(max_new_tokens=sub.max_new_tokens, eos_token_ids=())
   if mode == "diffusion" and threshold is None:
     kw.update(block_length=sub.block_length, fixed_schedule=True)
+  elif mode == "quadratic":
+    kw.update(block_length=sub.block_length)
   elif mode != "ar":
     kw.update(block_length=sub.block_length, threshold=threshold)
   return settings_for(mode, **kw)
@@ -134,6 +137,8 @@ def forward_counts(mode: str, settings: DecodeSettings, results) -> dict[str, in
   if mode == "diffusion":
     blocks = settings.max_new_tokens // settings.block  # EOS is off: every block is decoded
     return {"denoise": decode_nfe - blocks, "commit": blocks}
+  if mode == "quadratic":
+    return {"quadratic": decode_nfe}  # one forward per round
   rounds = max(len(a) for a in results[0].accepted_lengths)
   return {"draft": decode_nfe - rounds, "verify": rounds}
 
@@ -161,13 +166,14 @@ def run_jax_case(models: Models, mode: str, batch: int, threshold: float | None,
       tokens_per_s=generated / wall, decode_tokens_per_s=generated / decode,
       forwards=forwards, forwards_per_s=forwards / decode, ms_per_forward=1e3 * decode / forwards,
       compile_seconds=first.compile_seconds)
-  if mode == "spec":
+  if mode in ("spec", "quadratic"):
     acc = [a for r in results[:1] for row_acc in r.accepted_lengths for a in row_acc]
     row["mean_accepted"] = float(np.mean(acc)) if acc else float("nan")
   # The same forwards alone: what the decode would cost with zero engine overhead.
   prompt_len = prompts.shape[1]
   out_width = settings.max_new_tokens + settings.block
-  shape = bu.ForwardShape(batch, settings.block, context=prompt_len + settings.max_new_tokens // 2,
+  tokens = settings.block * (settings.block + 1) if mode == "quadratic" else settings.block
+  shape = bu.ForwardShape(batch, tokens, context=prompt_len + settings.max_new_tokens // 2,
                           cache_len=bucket_length(prompt_len) + out_width)
   forward_seconds = 0.0
   for kind in MODE_FORWARDS[mode]:
@@ -250,7 +256,7 @@ def comparison_section(config: ml_collections.ConfigDict) -> list[dict[str, Any]
   rng = np.random.default_rng(config.seed)
   for name in config.model_order:
     spec = config.models[name]
-    modes = [m for m in MODES if name in config[m].models]
+    modes = [m for m in MODES if m in config and name in config[m].models]
     if not modes:
       continue
     print(f"[bench] loading {name} ...", flush=True)
@@ -282,7 +288,8 @@ def run_case(models: Models, mode: str, batch: int, threshold: float | None,
              draft_lora=models.lora is not None if mode == "spec" else None)
   row.update(run_jax_case(models, mode, batch, threshold, prompts, config))
   jax_tokens, counts = row.pop("_tokens"), row.pop("_counts")
-  if models.torch_model is not None and not (mode == "spec" and batch > 1):
+  if (models.torch_model is not None and mode != "quadratic"
+      and not (mode == "spec" and batch > 1)):
     context = int(prompts.shape[1]) + sub.max_new_tokens // 2
     t = run_torch_case(models, mode, batch, threshold, prompts, config, counts, context)
     row["token_agreement"] = token_agreement(jax_tokens, t.pop("_tokens"))
@@ -384,6 +391,8 @@ TABLE_COLUMNS = {
     "spec": _COMMON_LEFT + [("block_length", "B"), ("mean_accepted", "accepted"),
                             ("ms_draft", "ms/draft"), ("ms_verify", "ms/verify"),
                             ("torch_ms_verify", "torch ms/verify")] + _COMMON_RIGHT,
+    "quadratic": _COMMON_LEFT + [("block_length", "B"), ("mean_accepted", "accepted"),
+                                 ("ms_quadratic", "ms/round forward")] + _COMMON_RIGHT,
 }
 ROOFLINE_COLUMNS = [("model", "model"), ("batch", "batch"), ("forward", "forward"),
                     ("tokens", "tokens"), ("context", "context"), ("ms", "ms"),

@@ -163,13 +163,15 @@ FORWARD_KINDS = {
     "commit": ("causal", False),
     "draft": ("bidirectional", True),
     "verify": ("causal", False),
+    "quadratic": ("quadratic", False),  # a B(B+1)-token round of quadratic self-speculation
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class ForwardShape:
   batch: int
-  tokens: int  # tokens per row in this forward (1 for an AR step, the block length otherwise)
+  tokens: int  # tokens per row in this forward (1 for an AR step, B(B+1) for a quadratic round,
+  # the block length otherwise)
   context: int  # cached tokens the forward attends to
   cache_len: int  # allocated cache slots (as the decoding engine allocates them)
 

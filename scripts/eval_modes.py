@@ -1,6 +1,7 @@
 """Measures tokens per forward of the decoding modes on a prompt set against greedy AR decoding:
-self-speculation drafting with the model's own weights and, when the checkpoint ships one, with its
-draft LoRA; block diffusion at the given confidence thresholds.
+linear self-speculation drafting with the model's own weights and, when the checkpoint ships one,
+with its draft LoRA; with --quadratic, quadratic self-speculation at the same block length; block
+diffusion at the given confidence thresholds.
 
 python scripts/eval_modes.py --checkpoint=/tmp/smollm2-drafter --prompts=prompts.jsonl \
     --max_new_tokens=64 --limit=32 --diffusion_thresholds=0.9,0.7
@@ -13,7 +14,8 @@ prompts.jsonl holds {"messages": [...]} (rendered with the checkpoint's chat tem
 Tokens per forward counts the prefill as the reference does for speculation (docs/model.md §5.3);
 the decode-only figure, the mean acceptance length per verify round and, per configuration, how many
 outputs equal the AR output and the share of AR tokens reproduced position by position are printed
-beside it (speculation is exact by construction; diffusion is not).
+beside it (speculation is exact by construction; diffusion is not), and the wall-clock seconds of
+each configuration over the whole prompt set (compilation included).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ def main(argv=None) -> int:
   p.add_argument("--compilation_cache_dir", default="auto",
                  help="persistent compilation cache: auto (~/.cache/dllm_jax/jax), a directory, "
                       "or none")
+  p.add_argument("--quadratic", action="store_true",
+                 help="also measure quadratic self-speculation (max_new_tokens must be a multiple "
+                      "of the block length)")
   p.add_argument("--diffusion_thresholds", default="",
                  help="comma-separated confidence thresholds for block-diffusion rows (empty: none)")
   args = p.parse_args(argv)
@@ -63,7 +68,8 @@ def main(argv=None) -> int:
   # Argument errors answer without loading JAX.
   from dllm_jax import loader  # pylint: disable=g-import-not-at-top
   from dllm_jax.compile_cache import enable_compilation_cache  # pylint: disable=g-import-not-at-top
-  from dllm_jax.decode import AR, Diffusion, Spec, generate  # pylint: disable=g-import-not-at-top
+  from dllm_jax.decode import (AR, Diffusion, Quadratic, Spec,  # pylint: disable=g-import-not-at-top
+                               generate)
   from dllm_jax.training.data import read_jsonl  # pylint: disable=g-import-not-at-top
 
   try:
@@ -95,11 +101,19 @@ def main(argv=None) -> int:
   try:
     configs = [("ar", AR(max_new_tokens=n)),
                ("spec, drafting with the model's weights", Spec(draft_lora=False, **spec)),
-               ("spec, draft LoRA", Spec(draft_lora=True, **spec)), *diffusion]
+               ("spec, draft LoRA", Spec(draft_lora=True, **spec))]
+    configs += diffusion
     configs = [(name, s.resolve(desc.config, [len(i) for i in ids])) for name, s in configs]
   except ValueError as e:
     print(f"--checkpoint={args.checkpoint}: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
+  if args.quadratic:
+    try:
+      quadratic = Quadratic(**spec).resolve(desc.config, [len(i) for i in ids])
+    except ValueError as e:
+      print(f"--quadratic: {str(e).splitlines()[0]}", file=sys.stderr)
+      return 2
+    configs.insert(3, ("quadratic self-speculation", quadratic))
   try:
     enable_compilation_cache(args.compilation_cache_dir)
     pre = loader.load(desc, dtype=args.dtype)
@@ -111,23 +125,24 @@ def main(argv=None) -> int:
 
   def run(name: str, settings):
     start_time = time.perf_counter()
-    out = {"tokens": [], "nfe": [], "decode_nfe": [], "accepted": []}
+    out = {"tokens": [], "nfe": [], "decode_nfe": [], "accepted": [], "seconds": 0.0}
     for start in range(0, len(ids), args.batch_size):
       r = generate(pre.model, ids[start:start + args.batch_size], settings)
       out["tokens"] += r.tokens
       out["nfe"] += r.nfe
       out["decode_nfe"] += r.decode_nfe
       out["accepted"] += [a for row in (r.accepted_lengths or []) for a in row]
-    print(f"{name}: {len(ids)} prompts in {time.perf_counter() - start_time:.0f}s",
-          file=sys.stderr)
+    out["seconds"] = time.perf_counter() - start_time
+    print(f"{name}: {len(ids)} prompts in {out['seconds']:.0f}s", file=sys.stderr)
     return out
 
   ar = run(*configs[0])
   rows = [(name, run(name, s)) for name, s in configs[1:]]
   lines = ["| mode | tok/fwd | decode tok/fwd | mean accepted per round | same tokens as AR | "
-           "AR tokens reproduced |", "|---|---:|---:|---:|---:|---:|"]
+           "AR tokens reproduced | wall s |", "|---|---:|---:|---:|---:|---:|---:|"]
   report = {"checkpoint": args.checkpoint, "prompts": len(ids), "max_new_tokens":
-            args.max_new_tokens, "block_length": configs[1][1].block_length, "rows": []}
+            args.max_new_tokens, "block_length": configs[1][1].block_length,
+            "ar_seconds": round(ar["seconds"], 1), "rows": []}
   for name, out in rows:
     n = sum(len(t) for t in out["tokens"])
     # Speculation and diffusion may run past max_new_tokens inside their last block; compare
@@ -138,12 +153,13 @@ def main(argv=None) -> int:
                decode_tokens_per_forward=n / sum(out["decode_nfe"]),
                mean_accepted=statistics.fmean(out["accepted"]) if out["accepted"] else None,
                same_as_ar=f"{same}/{len(ids)}",
-               ar_tokens_reproduced=agree / sum(len(a) for a in ar["tokens"]))
+               ar_tokens_reproduced=agree / sum(len(a) for a in ar["tokens"]),
+               seconds=round(out["seconds"], 1))
     report["rows"].append(row)
     accepted = "-" if row["mean_accepted"] is None else f"{row['mean_accepted']:.2f}"
     lines.append(f"| {name} | {row['tokens_per_forward']:.3f} | "
                  f"{row['decode_tokens_per_forward']:.3f} | {accepted} | {row['same_as_ar']} | "
-                 f"{row['ar_tokens_reproduced']:.0%} |")
+                 f"{row['ar_tokens_reproduced']:.0%} | {row['seconds']:.0f} |")
   print("\n".join(lines))
   print(json.dumps(report))
   return 0

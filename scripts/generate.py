@@ -7,7 +7,7 @@ r"""Generate text with an NLD checkpoint, or offline with the embedded SmolLM2-1
   python scripts/generate.py --config.prompts_file=prompts.jsonl --config.output_jsonl=out.jsonl
 
 Text is streamed to stdout as tokens are committed (per AR token, diffusion block or accepted
-speculative run); progress bars and one stats line go to stderr. A prompts file is generated in
+speculative run, linear or quadratic); progress bars and one stats line go to stderr. A prompts file is generated in
 batches and written as JSON lines. Compiled programs are cached on disk, so a second run starts
 faster. Bad input exits with code 2 and a one-line message naming the flag, file or line at fault.
 See docs/cli.md.
@@ -54,7 +54,7 @@ HELP_FLAGS = ("--help", "-h")
 PROMPT_FIELDS = {
     "prompt": (str,), "system": (str,), "mode": (str,), "max_new_tokens": (int,),
     "block_length": (int, None), "temperature": (float,), "seed": (int,),
-    "diffusion_threshold": (float,), "spec_threshold": (float,),
+    "diffusion_threshold": (float,), "spec_threshold": (float,), "ar_mix_weight": (float, None),
     "max_thinking_tokens": (int, None), "enable_thinking": (bool,),
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
@@ -189,11 +189,15 @@ def decode_settings(c: config_dict.ConfigDict, at: Origin) -> DecodeSettings:
   knobs = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=c.seed,
                max_thinking_tokens=c.max_thinking_tokens)
   if c.mode in ("diffusion", "spec"):
-    knobs.update(block_length=c.block_length, threshold=c[f"{c.mode}_threshold"])
+    knobs.update(threshold=c[f"{c.mode}_threshold"])
+  if c.mode in ("diffusion", "spec", "quadratic"):
+    knobs.update(block_length=c.block_length)
   if c.mode == "diffusion":
     knobs.update(fixed_schedule=c.fixed_schedule, causal_context=c.causal_context)
-  if c.mode == "spec":
+  if c.mode in ("spec", "quadratic"):
     knobs.update(mask_token_id=c.mask_token_id)
+  if c.mode == "quadratic":
+    knobs.update(ar_mix_weight=c.ar_mix_weight)
   try:
     return settings_for(c.mode, **knobs)
   except ValueError as e:

@@ -1,6 +1,6 @@
 r"""One run that checks and measures the library on a GPU: kernels, parity, rooflines, generate.
 
-  PYTHONPATH=. python scripts/gpu_check.py --out=DIR      # CUDA GPU: budgeted under 8 minutes
+  PYTHONPATH=. python scripts/gpu_check.py --out=DIR      # CUDA GPU: budgeted under 9 minutes
   PYTHONPATH=. XLA_FLAGS=--xla_backend_optimization_level=0 \
       python scripts/gpu_check.py --out=DIR --cpu_smoke  # the same code paths on tiny shapes
 
@@ -23,6 +23,12 @@ Sections (each records its own failure and the run goes on; the exit status is 1
                 32-token denoising step and a 32-token commit, median time vs (weight bytes + KV
                 bytes) / the copy bandwidth measured in the same run. --cpu_smoke: `tiny`, batch 2,
                 context 64.
+  quadratic     the forwards of one self-speculation round on the NLD-8B shape at batch 1 against a
+                1024-token cache, for block lengths 8, 16 and 32: the linear round's two
+                B-token forwards (draft with the LoRA, causal verify) beside the quadratic round's
+                one B(B+1)-token forward (72, 272, 1056 tokens), with "auto" and, where it runs,
+                the Mosaic GPU kernel ("pallas"); median ms each. --cpu_smoke: `tiny`, blocks
+                4 and 8, context 64.
   generate      `dllm_jax.generate` on the NLD-8B shape (random weights, the rank-128 draft LoRA)
                 in modes ar, diffusion and spec at batch 1 and 8, 128 new tokens, block 32, EOS
                 off so every row decodes the whole budget: ms per round, forwards/s, tokens/s
@@ -72,7 +78,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_utils as bu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SECTIONS = ("kernel_tests", "parity", "roofline", "generate")
+SECTIONS = ("kernel_tests", "parity", "roofline", "quadratic", "generate")
 KERNEL_TEST_FILES = ("tests/test_kernels_mgpu.py", "tests/test_kernels_triton.py",
                      "tests/test_kernels_gpu_model.py")
 KERNEL_IMPLS = ("auto", "pallas", "triton", "cudnn")  # compared with XLA in the parity section
@@ -107,6 +113,7 @@ class Plan:
   generate_block: int
   prompt_lengths: tuple[int, int]  # [lo, hi] per row, within one bucket
   draft_lora: LoRAConfig
+  quadratic_blocks: tuple[int, ...]
 
 
 # NLD-8B attention geometry on a small body, so that kernels see the real head layout.
@@ -114,18 +121,21 @@ _PARITY_SHAPE = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2048, 
                      num_heads=32, num_kv_heads=8, head_dim=128)
 
 GPU_PLAN = Plan(
-    name="gpu", budgets_s=dict(kernel_tests=120, parity=60, roofline=110, generate=170),
-    total_s=470, parity_cfg=preset("nld-8b").replace(**_PARITY_SHAPE), parity_prompt=96,
+    name="gpu", budgets_s=dict(kernel_tests=120, parity=60, roofline=110, quadratic=70,
+                               generate=170),
+    total_s=540, parity_cfg=preset("nld-8b").replace(**_PARITY_SHAPE), parity_prompt=96,
     parity_cache=256, parity_block=32, roofline_presets=("nld-8b", "nld-3b"), context=1024,
     roofline_block=32, batches=(1, 8), copy_bytes=2 * 2**30, warmup=2, repeats=10,
     generate_preset="nld-8b", max_new_tokens=128, generate_block=32, prompt_lengths=(70, 120),
-    draft_lora=LoRAConfig(rank=128, alpha=512.0))
+    draft_lora=LoRAConfig(rank=128, alpha=512.0), quadratic_blocks=(8, 16, 32))
 CPU_PLAN = Plan(
-    name="cpu_smoke", budgets_s=dict(kernel_tests=120, parity=120, roofline=120, generate=180),
-    total_s=600, parity_cfg=preset("tiny"), parity_prompt=24, parity_cache=64, parity_block=8,
+    name="cpu_smoke", budgets_s=dict(kernel_tests=120, parity=120, roofline=120, quadratic=90,
+                                     generate=180),
+    total_s=690, parity_cfg=preset("tiny"), parity_prompt=24, parity_cache=64, parity_block=8,
     roofline_presets=("tiny",), context=64, roofline_block=32, batches=(2,),
     copy_bytes=16 * 2**20, warmup=1, repeats=2, generate_preset="tiny", max_new_tokens=16,
-    generate_block=8, prompt_lengths=(9, 16), draft_lora=LoRAConfig(rank=8, alpha=32.0))
+    generate_block=8, prompt_lengths=(9, 16), draft_lora=LoRAConfig(rank=8, alpha=32.0),
+    quadratic_blocks=(4, 8))
 
 
 class BudgetSpent(Exception):
@@ -342,7 +352,38 @@ def roofline_section(plan: Plan, budget: Budget, record: dict[str, Any]) -> None
           f"{seconds / roof:.2f}x roofline", flush=True)
 
 
-# --- section 4: generate end to end ---------------------------------------------------------------
+# --- section 4: one self-speculation round, linear vs quadratic ---------------------------------
+
+def quadratic_section(plan: Plan, budget: Budget, record: dict[str, Any]) -> None:
+  name = plan.roofline_presets[0]
+  model = random_model(preset(name), plan.draft_lora)
+  impls = ["auto"] + [i for i in ("pallas",) if kernel_unavailable(i) is None]
+  record.update(model=name, context=plan.context, rows=[])
+  cases = [(size, impl) for size in plan.quadratic_blocks for impl in impls]
+  for i, (size, impl) in enumerate(cases):
+    budget.check(i, len(cases))
+    cache_len = plan.context + -(-size // 64) * 64
+
+    def ms(kind: str, tokens: int, m: NLDModel) -> float:
+      shape = bu.ForwardShape(1, tokens, plan.context, cache_len)
+      return 1e3 * bu.median(bu.time_forward(m, kind, shape, warmup=plan.warmup,
+                                             repeats=plan.repeats))
+
+    draft = verify = linear = None  # the linear round's forwards are timed once per B, on "auto"
+    if impl == "auto":
+      draft, verify = ms("draft", size, model), ms("verify", size, model)
+      linear = draft + verify
+    quadratic = ms("quadratic", size * (size + 1), with_attention_impl(model, impl))
+    record["rows"].append(dict(
+        block_length=size, impl=impl, quadratic_tokens=size * (size + 1), draft_ms=draft,
+        verify_ms=verify, linear_round_ms=linear, quadratic_round_ms=quadratic,
+        quadratic_vs_linear=quadratic / linear if linear else None))
+    print(f"[gpu_check]   B={size} {impl}: quadratic round {quadratic:.2f} ms"
+          + (f", linear round {linear:.2f} ms (draft {draft:.2f} + verify {verify:.2f})"
+             if linear else ""), flush=True)
+
+
+# --- section 5: generate end to end ---------------------------------------------------------------
 
 def generate_section(plan: Plan, budget: Budget, record: dict[str, Any]) -> None:
   cfg = preset(plan.generate_preset)
@@ -406,7 +447,7 @@ def _rounds(mode: str, result, block_length: int) -> int:
 
 SECTION_FNS: dict[str, Callable[[Plan, Budget, dict[str, Any]], None]] = {
     "kernel_tests": kernel_tests_section, "parity": parity_section,
-    "roofline": roofline_section, "generate": generate_section}
+    "roofline": roofline_section, "quadratic": quadratic_section, "generate": generate_section}
 
 
 def run_sections(plan: Plan, sections: tuple[str, ...], report: dict[str, Any],
@@ -443,6 +484,11 @@ ROOFLINE_COLUMNS = [("model", "model"), ("batch", "batch"), ("forward", "forward
                     ("tokens", "tokens"), ("context", "context"), ("attention_impl", "attention"),
                     ("ms", "ms"), ("roofline_ms", "roofline ms"), ("vs_roofline", "× roofline"),
                     ("achieved_gb_s", "GB/s")]
+QUADRATIC_COLUMNS = [("block_length", "B"), ("impl", "attention"),
+                     ("quadratic_tokens", "quadratic tokens"), ("draft_ms", "draft ms"),
+                     ("verify_ms", "verify ms"), ("linear_round_ms", "linear round ms"),
+                     ("quadratic_round_ms", "quadratic round ms"),
+                     ("quadratic_vs_linear", "quadratic / linear")]
 GENERATE_COLUMNS = [("mode", "mode"), ("batch", "batch"), ("new_tokens", "new"),
                     ("block_length", "B"), ("rounds", "rounds"), ("decode_nfe", "NFE"),
                     ("ms_per_round", "ms/round"), ("forwards_per_s", "fwd/s"),
@@ -476,6 +522,10 @@ def render(report: dict[str, Any]) -> str:
       lines += [f"copy bandwidth {rec['copy_bandwidth_gb_s']:.1f} GB/s (read + write, "
                 f"{rec['copy_bytes'] / 2**30:.3g} GiB); roofline = (weight + KV bytes) / bandwidth",
                 "", bu.format_table(rec["rows"], ROOFLINE_COLUMNS)]
+    elif name == "quadratic" and rec.get("rows"):
+      lines += [f"model {rec['model']}, batch 1, context {rec['context']}: one linear round = draft "
+                "(B tokens, LoRA) + verify (B tokens); one quadratic round = one B(B+1)-token "
+                "forward", "", bu.format_table(rec["rows"], QUADRATIC_COLUMNS)]
     elif name == "generate" and rec.get("rows"):
       lines += [f"model {rec['model']} ({rec['layers']} layers, random bf16 weights, draft LoRA "
                 f"rank {rec['draft_lora_rank']}), EOS off. DERIVED tok/s = fwd/s × NVIDIA's "

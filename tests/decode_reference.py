@@ -1,5 +1,5 @@
-"""Plain-Python transcriptions of the reference decoding loops (docs/model.md §5.1-5.3), batch size
-1.
+"""Plain-Python transcriptions of the reference decoding loops (docs/model.md §5.1-5.3, §5.6),
+batch size 1.
 
 Written from docs/model.md §5 loop by loop, with Python lists and numpy; the only shared pieces with
 the engine are the model forward and the definition of the random noise (the same draws must be used
@@ -23,7 +23,10 @@ from flax import nnx
 
 from dllm_jax import LoRAConfig, NLDModel, preset
 from dllm_jax.kv_cache import KVCache
-from dllm_jax.model import forward
+from dllm_jax.model import forward, llama4_query_scale, rope_cos_sin, rope_inv_freq
+
+# Every explicit-mask forward is padded to this many tokens, so that it compiles once.
+MASKED_FORWARD_LENGTH = 384
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "pattern", "lora", "append"))
@@ -231,6 +234,111 @@ def self_speculation(model: Eager, prompt, *, max_new_tokens, block_length, thre
     if total >= max_new_tokens:
       break
   return generated, nfe, accepted_lengths
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _masked_forward(graphdef, state, tokens, positions, allowed):
+  """The model's layers over a whole sequence with an explicit [T, T] attention mask and no cache:
+  its own projections, norms and RoPE, but a dense softmax over the keys `allowed` lets each
+  query see (no attention pattern, dispatcher or cache of the library)."""
+  model = nnx.merge(graphdef, state)
+  cfg = model.cfg
+  cos, sin = rope_cos_sin(positions[None], *rope_inv_freq(cfg), model.dtype)
+  qscale = (llama4_query_scale(positions[None], cfg)
+            if cfg.llama_4_scaling_beta is not None else None)
+  h = model.encoder.embed_tokens(tokens[None])
+  group = cfg.num_heads // cfg.num_kv_heads
+  for layer in model.encoder.layers:
+    q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin, qscale)
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(cfg.head_dim)
+    scores = jnp.where(allowed[None, None], scores, -jnp.inf)
+    o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+    h = h + layer.self_attn.out(o)
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+  z = model.encoder.norm(h)
+  return (model.encoder.embed_tokens.attend(z) if cfg.tie_word_embeddings
+          else model.diffusion_head(z))[0]
+
+
+def masked_forward(model: Eager, tokens, positions, allowed) -> np.ndarray:
+  """One forward of `tokens` at `positions` where query q sees key k iff allowed[q][k]; logits
+  [len(tokens), V]. Padding to MASKED_FORWARD_LENGTH: padding keys are seen by no real query."""
+  n, pad = len(tokens), MASKED_FORWARD_LENGTH - len(tokens)
+  assert pad >= 0, n
+  full = np.eye(MASKED_FORWARD_LENGTH, dtype=bool)
+  full[:n, :n] = allowed
+  logits = _masked_forward(model.graphdef, model.state, jnp.asarray(list(tokens) + [0] * pad),
+                           jnp.asarray(list(positions) + [0] * pad, jnp.int32), jnp.asarray(full))
+  return np.asarray(logits[:n])
+
+
+def quadratic_speculation(model: Eager, prompt, *, max_new_tokens, block_length, eos,
+                          max_thinking_tokens, end_think, mask_id, ar_mix_weight=None):
+  """docs/model.md §5.6, greedy. Returns (generated ids, nfe, accepted lengths).
+
+  No cache: every forward runs the whole sequence so far (the prompt and the accepted tokens, each
+  causal over what precedes it, which is what the reference's cropped cache holds) followed by the
+  round's tokens, under a mask built here position by position from the text.
+  """
+  size, p_len = block_length, len(prompt)
+  x = list(prompt) + [mask_id] * (max_new_tokens + 2 * size)
+  nfe = 1
+  # First forward: the prompt (causal) and B MASKs that see the whole prompt and one another.
+  n = p_len + size
+  allowed = [[k <= q if q < p_len else True for k in range(n)] for q in range(n)]
+  logits = masked_forward(model, x[:n], range(n), allowed)
+  rows = logits[p_len - 1:p_len + size].copy()
+  rows[1] = rows[0]  # the first draft position takes the causal prediction after the prompt
+  x[p_len:p_len + size] = [int(t) for t in np.argmax(rows[1:], axis=-1)]
+  generated, total, accepted_lengths = [], 0, []
+  while True:
+    nfe += 1
+    c = p_len + total
+    d = x[c:c + size]
+    tokens, positions, where = list(x[:c]), list(range(c)), [("context", k) for k in range(c)]
+    for i in range(size):
+      for m in range(size + 1):
+        tokens.append(d[i] if m == 0 else mask_id)
+        positions.append(c + i + m)
+        where.append((i, m))
+
+    def sees(query, key):
+      if query[0] == "context":
+        return key[0] == "context" and key[1] <= query[1]
+      if key[0] == "context":
+        return True
+      (i, m), (j, n) = query, key
+      return (n == 0 and j <= i) or (m > 0 and j == i)
+
+    allowed = [[sees(q, k) for k in where] for q in where]
+    logits = masked_forward(model, tokens, positions, allowed)[c:].reshape(size, size + 1, -1)
+    logits = logits.copy()
+    if ar_mix_weight is None:
+      logits[:, 1] = logits[:, 0]
+    else:
+      w = np.float32(ar_mix_weight)
+      mixed = w * logits[:, 0] + (np.float32(1) - w) * logits[:, 1]
+      logits[:, 0] = mixed
+      logits[:, 1] = mixed
+    pred = np.argmax(logits, axis=-1)
+    accept, following = 1, [int(t) for t in pred[0, 1:]]
+    while accept < size and pred[accept - 1, 0] == d[accept]:
+      following = [int(t) for t in pred[accept, 1:]]
+      accept += 1
+    accepted_lengths.append(accept)
+    emitted = d[:accept]
+    if eos is not None and eos in emitted:
+      generated += emitted[:emitted.index(eos) + 1]
+      return generated[:max_new_tokens], nfe, accepted_lengths
+    generated += emitted
+    x[c + accept:c + accept + size] = following
+    if end_think is not None and max_thinking_tokens is not None:
+      if total + accept > max_thinking_tokens and end_think not in generated:
+        x.insert(c + accept, end_think)
+    total += accept
+    if total >= max_new_tokens:
+      return generated[:max_new_tokens], nfe, accepted_lengths
 
 
 def structured_model(seed: int = 22, lora: bool = True) -> NLDModel:

@@ -43,7 +43,7 @@ MAX_LEN = 32
 DECODE_STEPS = 6
 # Adapters on projections split along their input and along their output, kv heads included.
 LORA = LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "o_proj", "down_proj"))
-GENERATE_MODES = ("ar", "diffusion", "spec")
+GENERATE_MODES = ("ar", "diffusion", "spec", "quadratic")
 GENERATE_KW = dict(max_new_tokens=8, block_length=4)
 
 

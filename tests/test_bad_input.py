@@ -1095,6 +1095,7 @@ CLI_KNOB_CASES = [
     (["--config.temperature=nan"], "--config.temperature=nan"),
     (["--config.seed=1099511627776"], "--config.seed="),
     (["--config.mode=spec", "--config.mask_token_id=300"], "mask_token_id=300"),
+    (["--config.mode=quadratic", "--config.ar_mix_weight=2"], "--config.ar_mix_weight=2"),
 ]
 
 

@@ -154,7 +154,9 @@ ROW_FIELDS = {"model", "mode", "batch", "nfe", "tokens_per_forward", "forwards_p
               "tokens_per_s", "compile_seconds", "peak_mem_mib", "overhead_frac",
               "torch_tokens_per_s", "speedup_vs_torch", "token_agreement"}
 MODE_FIELDS = {"ar": {"ms_ar"}, "diffusion": {"ms_denoise", "ms_commit"},
-               "spec": {"ms_draft", "ms_verify", "mean_accepted"}}
+               "spec": {"ms_draft", "ms_verify", "mean_accepted"},
+               "quadratic": {"ms_quadratic", "mean_accepted"}}
+TORCH_FIELDS = {"torch_tokens_per_s", "speedup_vs_torch", "token_agreement"}  # no quadratic loop
 ROOFLINE_FIELDS = {"ms", "roofline_ms", "vs_roofline", "weight_bytes", "kv_bytes", "torch_ms",
                    "speedup_vs_torch"}
 
@@ -162,15 +164,17 @@ ROOFLINE_FIELDS = {"ms", "roofline_ms", "vs_roofline", "weight_bytes", "kv_bytes
 def test_smoke_run_reports_every_mode(bench, tmp_path):
   config = runpy.run_path(str(ROOT / "configs" / "bench_smoke.py"))["get_config"]()
   report = bench.run(config, gpu_shapes=True, command="pytest")
-  assert {r["mode"] for r in report["cases"]} == {"ar", "diffusion", "spec"}
+  assert {r["mode"] for r in report["cases"]} == {"ar", "diffusion", "spec", "quadratic"}
   for row in report["cases"]:
-    assert ROW_FIELDS | MODE_FIELDS[row["mode"]] <= set(row), row["mode"]
+    fields = ROW_FIELDS - TORCH_FIELDS if row["mode"] == "quadratic" else ROW_FIELDS
+    assert fields | MODE_FIELDS[row["mode"]] <= set(row), row["mode"]
   roof = report["roofline"]
   assert roof["rows"] and all(ROOFLINE_FIELDS <= set(r) for r in roof["rows"])
   assert {"date_utc", "device", "jax", "torch", "cpu_threads"} <= set(report["environment"])
 
   text = bench.render(report)
-  for heading in ("## ar", "## diffusion", "## spec", "## forwards vs bandwidth roofline"):
+  for heading in ("## ar", "## diffusion", "## spec", "## quadratic",
+                  "## forwards vs bandwidth roofline"):
     assert heading in text
   assert "out tok/s" in text and "speedup" in text
 

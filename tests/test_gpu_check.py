@@ -61,7 +61,8 @@ def test_smoke_run_records_environment_and_passes_every_section(smoke_run):
   env = report["environment"]
   assert env["jax_backend"] == "cpu" and env["device"] and env["jax"] and env["jaxlib"]
   assert env["date_utc"] and "--cpu_smoke" in report["command"]
-  assert list(report["sections"]) == ["kernel_tests", "parity", "roofline", "generate"]
+  assert list(report["sections"]) == ["kernel_tests", "parity", "roofline", "quadratic",
+                                      "generate"]
   for name, rec in report["sections"].items():
     assert (rec["status"], rec["error"]) == ("passed", None), name
 
@@ -141,6 +142,21 @@ def test_smoke_generate_row_per_mode(smoke_run, gpu_check):
   assert all(new // block <= rows[("diffusion", b)]["decode_nfe"] <= new // block * (block + 1)
              for b in plan.batches)
   assert "DERIVED" in markdown
+
+
+def test_smoke_quadratic_round_beside_the_linear_round(smoke_run, gpu_check):
+  report, markdown = smoke_run
+  rows = report["sections"]["quadratic"]["rows"]
+  assert [(r["block_length"], r["impl"]) for r in rows] == [
+      (b, "auto") for b in gpu_check.CPU_PLAN.quadratic_blocks]
+  md_keys = {tuple(r[:3]) for r in _table_rows(markdown, "## quadratic")}
+  for r in rows:
+    assert (str(r["block_length"]), "auto", str(r["quadratic_tokens"])) in md_keys
+    assert r["quadratic_tokens"] == r["block_length"] * (r["block_length"] + 1)
+    for key in ("draft_ms", "verify_ms", "quadratic_round_ms"):
+      assert _positive_finite(r[key]), key
+    assert r["linear_round_ms"] == pytest.approx(r["draft_ms"] + r["verify_ms"])
+    assert r["quadratic_vs_linear"] == pytest.approx(r["quadratic_round_ms"] / r["linear_round_ms"])
 
 
 def test_a_failing_section_does_not_stop_the_others(gpu_check, monkeypatch):

@@ -16,8 +16,8 @@ import pytest
 from flax import nnx
 
 from dllm_jax.config import preset
-from dllm_jax.decode import (AR, Diffusion, Spec, bucket_length, cache_length, generate,
-                             lower_programs)
+from dllm_jax.decode import (AR, Diffusion, Quadratic, Spec, bucket_length, cache_length,
+                             generate, lower_programs)
 from dllm_jax.model import NLDModel, abstract_model
 
 # Weights (>= 512 KB each) larger than any activation of a 16-token prompt and 32-token blocks.
@@ -25,7 +25,8 @@ CFG = preset("tiny").replace(hidden_size=512, intermediate_size=1024, num_heads=
                              head_dim=128, num_layers=3, vocab_size=256)
 PROMPT, NEW, BLOCK = 16, 32, 32
 SETTINGS = [AR(max_new_tokens=NEW), Diffusion(max_new_tokens=NEW, block_length=BLOCK),
-            Spec(max_new_tokens=NEW, block_length=BLOCK)]
+            Spec(max_new_tokens=NEW, block_length=BLOCK),
+            Quadratic(max_new_tokens=NEW, block_length=8)]  # 72 tokens: activations stay small
 # Results that hold no new buffer of their own.
 NO_BUFFER = {"parameter", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
              "constant"}

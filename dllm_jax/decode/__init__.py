@@ -1,8 +1,10 @@
-"""The three NLD decoding modes as compiled JAX programs: `generate(model, prompts, settings)`.
+"""The NLD decoding modes as compiled JAX programs: `generate(model, prompts, settings)`.
 
   AR()         autoregressive (docs/model.md §5.2)
   Diffusion()  block diffusion with a causal commit per block (docs/model.md §5.1)
   Spec()       linear self-speculation: diffusion draft, LoRA on; causal verify (docs/model.md §5.3)
+  Quadratic()  quadratic self-speculation: one forward verifies the draft and drafts the next block
+               for every acceptance length (docs/model.md §5.6)
 (dllm_jax.decode.settings: each with its own knobs, defaults and checks).
 
 Prompts of any lengths share one batch: they are right-padded to a power-of-two bucket and every
@@ -27,15 +29,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dllm_jax.decode import ar, block_diffusion, speculative
+from dllm_jax.decode import ar, block_diffusion, quadratic, speculative
 from dllm_jax.decode.common import (NO_BUDGET, Ctx, GenerateResult, Settings, bucket_length,
                                     cache_length, pad_prompts, prefill)
-from dllm_jax.decode.settings import (MAX_EOS, AR, DecodeSettings, Diffusion, Spec,  # noqa: F401
-                                      settings_for)
+from dllm_jax.decode.settings import (MAX_EOS, AR, DecodeSettings, Diffusion,  # noqa: F401
+                                      Quadratic, Spec, settings_for)
 from dllm_jax.kv_cache import KVCache
 from dllm_jax.sharding import gather
 
-MODES = {"ar": ar, "diffusion": block_diffusion, "spec": speculative}
+MODES = {"ar": ar, "diffusion": block_diffusion, "spec": speculative, "quadratic": quadratic}
 
 __all__ = ["generate", "GenerateResult", "MODES", "bucket_length", "cache_length",
            "lower_programs"]
@@ -45,7 +47,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]],
              settings: DecodeSettings | None = None, *, mesh: jax.sharding.Mesh | None = None,
              on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerateResult:
   """Generates up to `settings.max_new_tokens` ids per prompt; `settings` (default `Diffusion()`)
-  is an `AR`, `Diffusion` or `Spec` from dllm_jax.decode.settings and picks the mode.
+  is an `AR`, `Diffusion`, `Spec` or `Quadratic` from dllm_jax.decode.settings and picks the
+  mode.
 
   mesh: a ("data", "model") mesh from dllm_jax.sharding.make_mesh with the model already placed on
     it (sharding.shard_model): prompts and cache are split over "data", kv heads over "model".
@@ -109,8 +112,8 @@ def _prepare(model, prompts, settings: DecodeSettings | None
   cfg = model.cfg
   settings = Diffusion() if settings is None else settings
   if not isinstance(settings, DecodeSettings):
-    raise ValueError(f"settings={settings!r}: expected AR(), Diffusion() or Spec() from "
-                     "dllm_jax.decode.settings")
+    raise ValueError(f"settings={settings!r}: expected AR(), Diffusion(), Spec() or Quadratic() "
+                     "from dllm_jax.decode.settings")
   if isinstance(prompts, (str, bytes)) or not len(prompts):
     raise ValueError("prompts: expected a non-empty sequence of token-id sequences")
   for b, p in enumerate(prompts):
@@ -126,7 +129,7 @@ def _prepare(model, prompts, settings: DecodeSettings | None
       raise ValueError("draft_lora=True but the model has no LoRA (build it with lora=LoRAConfig "
                        "or set Spec(draft_lora=False))")
     draft_lora = has_lora if s.draft_lora is None else s.draft_lora
-  mask_id = s.mask_token_id if isinstance(s, Spec) else cfg.mask_token_id
+  mask_id = s.mask_token_id if isinstance(s, (Spec, Quadratic)) else cfg.mask_token_id
   static = Settings(
       mode=s.mode, max_new_tokens=s.max_new_tokens, block_length=s.block, greedy=s.temperature == 0,
       mask_id=-1 if mask_id is None else int(mask_id), draft_lora=draft_lora,
@@ -134,12 +137,14 @@ def _prepare(model, prompts, settings: DecodeSettings | None
   eos = np.full((MAX_EOS,), -1, np.int32)
   eos[:len(s.eos_token_ids)] = s.eos_token_ids
   threshold = getattr(s, "threshold", 0.0)
+  mix = getattr(s, "ar_mix_weight", None)
   use_threshold = (not s.fixed_schedule) if isinstance(s, Diffusion) else threshold > 0
   knobs = dict(threshold=np.float32(threshold), use_threshold=np.bool_(use_threshold),
                temperature=np.float32(s.temperature if s.temperature > 0 else 1.0),
                seed=np.uint32(s.seed), eos_ids=eos,
                think_budget=np.int32(s.max_thinking_tokens if s.thinking_budget else NO_BUDGET),
-               end_think_id=np.int32(s.end_think_token_id if s.thinking_budget else -1))
+               end_think_id=np.int32(s.end_think_token_id if s.thinking_budget else -1),
+               ar_mix_weight=np.float32(1.0 if mix is None else mix))
   return s, static, knobs
 
 
@@ -289,11 +294,11 @@ def _result(carry, settings: Settings, eos_ids: tuple[int, ...], batch: int,
             ) -> GenerateResult:
   out, count, nfe = (gather(carry[k]) for k in ("out", "count", "nfe"))
   tokens = [_cut_at_eos(out[b, :count[b]].tolist(), eos_ids) for b in range(batch)]
-  prefill_nfe = 1 if settings.mode == "spec" else 0
+  prefill_nfe = 1 if settings.mode in ("spec", "quadratic") else 0
   nfe_list = [int(n) for n in nfe]
   decode_nfe = [n - prefill_nfe for n in nfe_list]
   accepted = None
-  if settings.mode == "spec":
+  if settings.mode in ("spec", "quadratic"):
     acc = gather(carry["accepted"])
     accepted = [[int(a) for a in row if a > 0] for row in acc]
   return GenerateResult(

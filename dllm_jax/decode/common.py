@@ -2,7 +2,7 @@
 
 A mode is three pure functions over a carry dict of arrays (one entry per per-row quantity):
 `init(ctx, last_logits, cache)` after the causal prefill, `step(ctx, carry)` (one AR token, one
-diffusion block or one speculative round for every row still running) and `running(ctx, carry)`.
+diffusion block or one (linear or quadratic) speculative round for every row still running) and `running(ctx, carry)`.
 The compiled engine runs `lax.while_loop(running, step, init(...))` in one executable; streaming
 runs the same `step` jitted on its own from a Python loop. Every carry holds at least
   out   [B, W] int32  generated ids, -1 where nothing was written; W = max_new_tokens + B
@@ -55,6 +55,7 @@ class Ctx:
   """What a step needs: the split model, the static settings and the traced per-call knobs.
 
   use_threshold: diffusion: threshold rule (else the transfer schedule); spec: threshold > 0.
+  ar_mix_weight: quadratic: the AR row's weight in the mixed logits (1 when unset).
   eos_ids: [settings.MAX_EOS] int32 padded with -1. think_budget: max_thinking_tokens, or NO_BUDGET when
   the budget is off (end_think_id is then -1 and matches nothing).
   """
@@ -68,6 +69,7 @@ class Ctx:
   eos_ids: jax.Array
   think_budget: jax.Array
   end_think_id: jax.Array
+  ar_mix_weight: jax.Array  # fp32 scalar
 
   def model(self, tokens: jax.Array, **kw):
     return forward(self.graphdef, self.state, tokens, **kw)
@@ -79,10 +81,11 @@ class GenerateResult:
 
   tokens: generated ids per row, cut after the row's first EOS (inclusive).
   nfe: forward calls per row counted as the reference counts them (docs/model.md §5: the
-    prefill counts in "spec" mode only). decode_nfe: the same without the prefill.
+    prefill counts in "spec" mode only; in "quadratic" mode the prefill and the first draft are
+    the reference's one first forward). decode_nfe: the same without that first forward.
   tokens_per_forward: len(tokens) / nfe; decode_tokens_per_forward: len(tokens) / decode_nfe.
-  accepted_lengths: "spec" mode only: per row, the acceptance length (matched drafts + 1 bonus) of
-    every verify round, before EOS truncation.
+  accepted_lengths: "spec" and "quadratic" modes only: per row, the acceptance length of every
+    round (spec: matched drafts + 1 bonus; quadratic: accepted drafts), before EOS truncation.
   compile_seconds: time spent compiling in this call (0.0 when every program was cached).
   """
   tokens: list[list[int]]

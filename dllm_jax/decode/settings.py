@@ -3,6 +3,7 @@
     generate(model, prompts, AR(max_new_tokens=128))
     generate(model, prompts, Diffusion(threshold=0.5))
     generate(model, prompts, Spec(block_length=16))
+    generate(model, prompts, Quadratic(block_length=8))
 
 Construction checks every value on its own (types, ranges) with a one-line ValueError naming the
 field, before any model or weight is touched; `resolve` then checks what depends on the model
@@ -101,7 +102,7 @@ class DecodeSettings:
     reach = max(prompt_lengths) + out.max_new_tokens + out.overshoot
     if reach > cfg.max_position_embeddings:
       raise ValueError(f"longest prompt ({max(prompt_lengths)}) + max_new_tokens"
-                       f"{' + block_length' if out.overshoot else ''} = {reach} exceeds the "
+                       f"{out.overshoot_term if out.overshoot else ''} = {reach} exceeds the "
                        f"model's max_position_embeddings={cfg.max_position_embeddings}")
     return out
 
@@ -109,6 +110,8 @@ class DecodeSettings:
   def overshoot(self) -> int:
     """Positions a round may use past max_new_tokens (speculation verifies a whole block)."""
     return 0
+
+  overshoot_term: ClassVar[str] = " + block_length"  # how errors spell `overshoot`
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -132,6 +135,12 @@ class _Blocks(DecodeSettings):
   @property
   def block(self) -> int:
     return self.block_length
+
+  def _check_multiple(self):
+    """For the modes that decode whole blocks."""
+    if self.max_new_tokens % self.block_length:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens} is not a multiple of "
+                       f"block_length={self.block_length} ({self.mode} decodes whole blocks)")
 
   def _resolve_blocks(self, cfg: ModelConfig, mask_token_id: int | None) -> _Blocks:
     out = self if self.block_length is not None else dataclasses.replace(
@@ -175,11 +184,6 @@ class Diffusion(_Blocks):
     if self.block_length is not None:
       self._check_multiple()
 
-  def _check_multiple(self):
-    if self.max_new_tokens % self.block_length:
-      raise ValueError(f"max_new_tokens={self.max_new_tokens} is not a multiple of "
-                       f"block_length={self.block_length} (diffusion decodes whole blocks)")
-
   def resolve(self, cfg, prompt_lengths):
     out = self._resolve_blocks(cfg, cfg.mask_token_id)
     out._check_multiple()
@@ -220,12 +224,55 @@ class Spec(_Blocks):
     return DecodeSettings.resolve(out, cfg, prompt_lengths)
 
 
-MODES: dict[str, type[DecodeSettings]] = {cls.mode: cls for cls in (AR, Diffusion, Spec)}
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Quadratic(_Blocks):
+  """Quadratic self-speculation (docs/model.md §5.6): one forward per round verifies the current
+  draft and drafts the next block for every acceptance length at once (B(B+1) tokens); no LoRA.
+
+  ar_mix_weight: None keeps each next draft's first token the exact AR prediction (the output is
+    then greedy AR's); a weight w in [0, 1] replaces both the AR row and the first draft row by
+    w * AR + (1 - w) * draft logits (w = 1 is the same as None).
+  mask_token_id: as for Spec: None = the checkpoint's.
+  Greedy only: the reference takes the argmax at any temperature, so temperature must be 0.
+  max_new_tokens must be a multiple of block_length; the output is cut at max_new_tokens.
+  """
+  mode: ClassVar[str] = "quadratic"
+  ar_mix_weight: float | None = None
+  mask_token_id: int | None = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.ar_mix_weight is not None:
+      _check_unit("ar_mix_weight", self.ar_mix_weight)
+    if self.mask_token_id is not None:
+      _check_int("mask_token_id", self.mask_token_id, 0)
+    if self.temperature != 0:
+      raise ValueError(f"temperature={self.temperature!r}: quadratic self-speculation is greedy "
+                       "(expected 0)")
+    if self.block_length is not None:
+      self._check_multiple()
+
+  # The MASKs of the last sub-block sit up to 2B - 1 positions past the round's cache length.
+  overshoot_term: ClassVar[str] = " + 2 * block_length - 1"
+
+  @property
+  def overshoot(self) -> int:
+    return 2 * self.block_length - 1
+
+  def resolve(self, cfg, prompt_lengths):
+    mask = cfg.mask_token_id if self.mask_token_id is None else self.mask_token_id
+    out = dataclasses.replace(self._resolve_blocks(cfg, mask), mask_token_id=mask)
+    out._check_multiple()
+    return DecodeSettings.resolve(out, cfg, prompt_lengths)
+
+
+MODES: dict[str, type[DecodeSettings]] = {cls.mode: cls
+                                          for cls in (AR, Diffusion, Spec, Quadratic)}
 
 
 def settings_for(mode: str, **kw) -> DecodeSettings:
-  """The settings of the mode named `mode` ("ar", "diffusion", "spec") built from `kw`; a knob
-  that does not belong to that mode is refused with one line naming it."""
+  """The settings of the mode named `mode` ("ar", "diffusion", "spec", "quadratic") built from
+  `kw`; a knob that does not belong to that mode is refused with one line naming it."""
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
   cls = MODES[mode]
