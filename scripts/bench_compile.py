@@ -31,10 +31,10 @@ def measure(name: str, mode: str, *, prompt: int, new_tokens: int, block: int, d
             ) -> list[dict]:
   cfg = preset(name)
   model = abstract_model(cfg, dtype=jnp.dtype(dtype))
-  blocks = {} if mode == "ar" else dict(block_length=block)
   start = time.perf_counter()
   lowered = lower_programs(model, 1, prompt,
-                           settings_for(mode, max_new_tokens=new_tokens, **blocks))
+                           settings_for(mode, skip_other_modes=True, max_new_tokens=new_tokens,
+                                        block_length=block))
   lower_s = time.perf_counter() - start
   rows = []
   for program in PROGRAMS:

@@ -181,9 +181,9 @@ def run_generate(model: NLDModel, prompts: list[list[int]], *, mode: str, max_ne
                  block_length: int):
   """`dllm_jax.generate` with its default thresholds and EOS off (every row decodes the whole
   budget, so rounds and forwards do not depend on what random weights happen to emit)."""
-  blocks = {} if mode == "ar" else dict(block_length=block_length)
-  return generate(model, prompts, settings_for(mode, max_new_tokens=max_new_tokens,
-                                               eos_token_ids=(), **blocks))
+  return generate(model, prompts, settings_for(mode, skip_other_modes=True,
+                                               max_new_tokens=max_new_tokens, eos_token_ids=(),
+                                               block_length=block_length))
 
 
 # --- section 1: compiled-kernel tests -------------------------------------------------------------

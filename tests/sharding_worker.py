@@ -118,8 +118,8 @@ def generate_all(model: NLDModel, mesh=None) -> dict[str, np.ndarray]:
   prompts = [row[:n].tolist() for row, n in zip(tokens, lengths)]
   results = {}
   for mode in GENERATE_MODES:
-    kw = {k: v for k, v in GENERATE_KW.items() if mode != "ar" or k != "block_length"}
-    rows = generate(model, prompts, settings_for(mode, **kw), mesh=mesh).tokens
+    rows = generate(model, prompts, settings_for(mode, skip_other_modes=True, **GENERATE_KW),
+                    mesh=mesh).tokens
     # A speculative round may run past max_new_tokens by up to one block.
     width = GENERATE_KW["max_new_tokens"] + GENERATE_KW["block_length"]
     padded = np.full((len(rows), width), -1, np.int32)

@@ -1087,6 +1087,14 @@ def test_decoding_knobs_outside_their_domain(name, mode, knobs, culprit):
   assert culprit in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+def test_a_sweep_over_modes_skips_only_the_knobs_of_other_modes():
+  from dllm_jax.decode import AR, settings_for
+  assert settings_for("ar", skip_other_modes=True, block_length=8, threshold=0.5,
+                      max_new_tokens=4) == AR(max_new_tokens=4)
+  with pytest.raises(ValueError, match="^blocklength is not a setting of ar"):
+    settings_for("ar", skip_other_modes=True, blocklength=8)
+
+
 # The same through the CLI flags (a representative handful; each refused before loading weights).
 CLI_KNOB_CASES = [
     (["--config.mode=diffusion", "--config.diffusion_threshold=1.5"],

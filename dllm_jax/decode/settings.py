@@ -270,13 +270,21 @@ MODES: dict[str, type[DecodeSettings]] = {cls.mode: cls
                                           for cls in (AR, Diffusion, Spec, Quadratic)}
 
 
-def settings_for(mode: str, **kw) -> DecodeSettings:
+def settings_for(mode: str, *, skip_other_modes: bool = False, **kw) -> DecodeSettings:
   """The settings of the mode named `mode` ("ar", "diffusion", "spec", "quadratic") built from
-  `kw`; a knob that does not belong to that mode is refused with one line naming it."""
+  `kw`; a knob that does not belong to that mode is refused with one line naming it.
+
+  skip_other_modes: drop the knobs that belong to another mode only (one set of knobs for a sweep
+    over modes, e.g. a block_length that AR has no use for); a knob of no mode is still refused.
+  """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
   cls = MODES[mode]
   fields = {f.name for f in dataclasses.fields(cls)}
+  if skip_other_modes:
+    kw = {k: v for k, v in kw.items()
+          if k in fields or not any(k in {f.name for f in dataclasses.fields(other)}
+                                    for other in MODES.values())}
   unknown = sorted(set(kw) - fields)
   if unknown:
     raise ValueError(f"{unknown[0]} is not a setting of {mode} decoding (its settings: "
