@@ -1,18 +1,38 @@
-"""dllm_jax: Nemotron-Labs-Diffusion language models in JAX."""
+"""dllm_jax: Nemotron-Labs-Diffusion language models in JAX.
 
-from dllm_jax.checkpoint import Pretrained, export_hf, load_pretrained
-from dllm_jax.config import PRESETS, ModelConfig, preset
-from dllm_jax.decode import (AR, Diffusion, GenerateResult, Quadratic, Spec, generate,
-                             settings_for)
-from dllm_jax.kv_cache import KVCache
-from dllm_jax.loader import Loaded, load
-from dllm_jax.model import LoRAConfig, NLDModel, abstract_model, forward
-from dllm_jax.sharding import make_mesh, shard_model
-from dllm_jax.tokenizer import TextTokenizer
+The names below are imported on first use: `import dllm_jax` (or one of its light modules, such as
+dllm_jax.config and dllm_jax.decode.settings, which the scripts use to check their flags) does not
+start JAX until a name that needs it is touched.
+"""
 
-__all__ = [
-    "AR", "Diffusion", "GenerateResult", "KVCache", "LoRAConfig", "Loaded", "ModelConfig",
-    "NLDModel", "PRESETS", "Pretrained", "Quadratic", "Spec", "TextTokenizer", "abstract_model",
-    "export_hf", "forward", "generate", "load", "load_pretrained", "make_mesh", "preset", "settings_for",
-    "shard_model",
-]
+from __future__ import annotations
+
+import importlib
+
+# name -> the module that defines it
+_EXPORTS = {
+    "Pretrained": "checkpoint", "export_hf": "checkpoint", "load_pretrained": "checkpoint",
+    "PRESETS": "config", "ModelConfig": "config", "preset": "config",
+    "AR": "decode.settings", "Diffusion": "decode.settings", "Quadratic": "decode.settings",
+    "Spec": "decode.settings", "settings_for": "decode.settings",
+    "GenerateResult": "decode.common", "generate": "decode.engine",
+    "KVCache": "kv_cache",
+    "Loaded": "loader", "load": "loader",
+    "LoRAConfig": "model", "NLDModel": "model", "abstract_model": "model", "forward": "model",
+    "make_mesh": "sharding", "shard_model": "sharding",
+    "TextTokenizer": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'dllm_jax' has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"dllm_jax.{_EXPORTS[name]}"), name)
+  globals()[name] = value  # later lookups skip __getattr__
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_EXPORTS))
