@@ -41,6 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
   # One B(B+1)-token forward per round (72 tokens at B = 8): compute-bound on a CPU.
   c.quadratic = dict(models=("nld-100m",), batch_sizes=(1,), max_new_tokens=32, block_length=8)
 
+  # llama.cpp on copies of a GGUF model's file (AR, batch 1), alternating with the JAX engine:
+  # F32 (the same fp32 values) and Q8_0 as a reference. Needs the [bench] extra; skipped without.
+  # dir: where the copies are written once ("": ~/.cache/dllm_jax/llama_cpp).
+  c.llama_cpp = dict(quants=("F32", "Q8_0"), dir="")
+
   c.roofline = roofline_config()
   return c
 

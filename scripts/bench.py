@@ -31,6 +31,7 @@ import gc
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from absl import app, flags
@@ -52,6 +53,7 @@ from dllm_jax.model import LoRAConfig, NLDModel, param_count
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_utils as bu  # pylint: disable=g-import-not-at-top,wrong-import-position
+import llama_cpp_baseline as lcpp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import torch_reference_decode as tref  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +75,7 @@ class Models:
   torch_model: Any  # transformers model, or None without baselines
   lora: tuple[np.ndarray, np.ndarray, float] | None  # draft adapter (a, b, scale)
   torch_lora: tref.TorchLoRA | None
+  gguf_path: str | None = None  # the GGUF both frameworks loaded (llama.cpp runs on its copies)
 
 
 def model_config(name: str, spec: ml_collections.ConfigDict) -> ModelConfig:
@@ -85,6 +88,7 @@ def model_config(name: str, spec: ml_collections.ConfigDict) -> ModelConfig:
 
 def load_models(name: str, spec: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                 dtype, torch_dtype, torch_device: str, need_lora: bool) -> Models:
+  gguf_path = None
   if spec.source == "random":
     cfg = model_config(name, spec)
     tensors = bu.random_llama_tensors(cfg, config.seed)
@@ -94,7 +98,7 @@ def load_models(name: str, spec: ml_collections.ConfigDict, config: ml_collectio
       raise ValueError(f"--config.models.{name}.source={spec.source!r}: expected random, "
                        f"{loader.EMBEDDED_NAME} or a .gguf file (tensors both frameworks load)")
     # Dequantized to fp32 once and shared by both sides.
-    cfg, tensors = desc.config, desc.gguf.tensors()
+    cfg, tensors, gguf_path = desc.config, desc.gguf.tensors(), desc.gguf.path
   if config.attention_impl:
     cfg = cfg.replace(attention_impl=config.attention_impl)
   lora = None
@@ -109,7 +113,7 @@ def load_models(name: str, spec: ml_collections.ConfigDict, config: ml_collectio
   tm = (tref.torch_model(cfg, tensors, dtype=torch_dtype, device=torch_device)
         if config.torch_baseline else None)
   torch_lora = tref.TorchLoRA.from_numpy(tm, *lora) if lora and tm is not None else None
-  return Models(name, cfg, jax_model, tm, lora, torch_lora)
+  return Models(name, cfg, jax_model, tm, lora, torch_lora, gguf_path)
 
 
 # --- one case: JAX engine ---------------------------------------------------------------------------
@@ -144,7 +148,10 @@ def forward_counts(mode: str, settings: DecodeSettings, results) -> dict[str, in
 
 
 def run_jax_case(models: Models, mode: str, batch: int, threshold: float | None,
-                 prompts: np.ndarray, config: ml_collections.ConfigDict) -> dict[str, Any]:
+                 prompts: np.ndarray, config: ml_collections.ConfigDict,
+                 between: Callable[[], None] | None = None) -> dict[str, Any]:
+  """`between`: run after every recorded call (another framework's repeat, so that both are timed
+  alternately under the same machine load)."""
   settings = mode_settings(mode, config, threshold)
   first = generate(models.jax_model, prompts.tolist(), settings)
   for _ in range(config.warmup - 1):
@@ -154,6 +161,8 @@ def run_jax_case(models: Models, mode: str, batch: int, threshold: float | None,
     start = time.perf_counter()  # the whole call, as a user sees it (argument handling included)
     results.append(generate(models.jax_model, prompts.tolist(), settings))
     walls.append(time.perf_counter() - start)
+    if between is not None:
+      between()
   wall, decode = bu.median(walls), bu.median([r.decode_seconds for r in results])
   generated = sum(len(t) for t in results[0].tokens)
   counts = forward_counts(mode, settings, results)
@@ -286,8 +295,11 @@ def run_case(models: Models, mode: str, batch: int, threshold: float | None,
              prompt_length=int(prompts.shape[1]), max_new_tokens=sub.max_new_tokens,
              block_length=sub.get("block_length"), threshold=threshold,
              draft_lora=models.lora is not None if mode == "spec" else None)
-  row.update(run_jax_case(models, mode, batch, threshold, prompts, config))
+  llama = LlamaCppCase(models, mode, batch, prompts, config)
+  row.update(run_jax_case(models, mode, batch, threshold, prompts, config,
+                          between=llama.run_once if llama.runners else None))
   jax_tokens, counts = row.pop("_tokens"), row.pop("_counts")
+  row.update(llama.result(row, jax_tokens))
   if (models.torch_model is not None and mode != "quadratic"
       and not (mode == "spec" and batch > 1)):
     context = int(prompts.shape[1]) + sub.max_new_tokens // 2
@@ -300,9 +312,70 @@ def run_case(models: Models, mode: str, batch: int, threshold: float | None,
                                         / row["torch_decode_tokens_per_s"])
   torch_part = (f", torch {row['torch_tokens_per_s']:.1f} tok/s"
                 if "torch_tokens_per_s" in row else "")
+  torch_part += "".join(f", llama.cpp {q} {row[f'llama_cpp_{q}_tok_s']:.1f} tok/s"
+                        for q in llama.runners)
   print(f"[bench]   -> {row['tokens_per_s']:.1f} tok/s, NFE {row['nfe']}, "
         f"overhead {row['overhead_frac']:.1%}{torch_part}", flush=True)
   return row
+
+
+# --- llama.cpp on the same GGUF (AR only) ------------------------------------------------------------
+
+def llama_cpp_skip_reason(config: ml_collections.ConfigDict) -> str | None:
+  """Why the llama.cpp columns are left out of this run, or None when they are measured."""
+  if not config.llama_cpp.quants:
+    return "--config.llama_cpp.quants is empty"
+  if not lcpp.available():
+    return ("llama-cpp-python is not installed (pip install -e .[bench]; it builds llama.cpp from "
+            "source, about 25 minutes on 2 cores)")
+  if jax.default_backend() != "cpu":
+    return f"JAX runs on {jax.default_backend()!r}, llama.cpp on the CPU: not the same device"
+  return None
+
+
+class LlamaCppCase:
+  """llama.cpp decoding the same prompt greedily from copies of the same GGUF (scripts/
+  llama_cpp_baseline.py), one repeat after each recorded JAX call, at the same thread count.
+
+  Its decode time covers the forwards after the first token with their sampling, as the JAX
+  engine's fwd/s does: the two rates compare the same work.
+  """
+
+  def __init__(self, models: Models, mode: str, batch: int, prompts: np.ndarray,
+               config: ml_collections.ConfigDict):
+    self.runners: dict[str, lcpp.LlamaCppAR] = {}
+    self.runs: dict[str, list[lcpp.Run]] = {}
+    if (mode != "ar" or batch != 1 or models.gguf_path is None
+        or llama_cpp_skip_reason(config) is not None):
+      return
+    self.prompt = [int(t) for t in prompts[0]]
+    self.n_new = config.ar.max_new_tokens
+    n_ctx = -(-(len(self.prompt) + self.n_new) // 256) * 256
+    threads = config.threads or bu.cpu_threads()
+    out_dir = config.llama_cpp.dir or os.path.join(os.path.expanduser("~"), ".cache", "dllm_jax",
+                                                   "llama_cpp")
+    for quant in config.llama_cpp.quants:
+      print(f"[bench] llama.cpp {quant} copy of {models.gguf_path} ...", flush=True)
+      path = lcpp.requantized_copy(models.gguf_path, quant, out_dir)
+      self.runners[quant] = lcpp.LlamaCppAR(path, threads, n_ctx)
+      self.runs[quant] = []
+      for _ in range(config.warmup):
+        self.runners[quant].generate(self.prompt, self.n_new)
+
+  def run_once(self) -> None:
+    for quant, runner in self.runners.items():
+      self.runs[quant].append(runner.generate(self.prompt, self.n_new))
+
+  def result(self, row: dict[str, Any], jax_tokens: list[list[int]]) -> dict[str, Any]:
+    out = {}
+    for quant, runs in self.runs.items():
+      rate = (self.n_new - 1) / bu.median([r.decode_seconds for r in runs])
+      out[f"llama_cpp_{quant}_tok_s"] = rate
+      out[f"vs_llama_cpp_{quant}"] = row["forwards_per_s"] / rate
+      out[f"llama_cpp_{quant}_same_tokens"] = token_agreement(
+          jax_tokens, np.asarray([runs[0].tokens]))
+      self.runners[quant].close()
+    return out
 
 
 def frameworks_dtype(config: ml_collections.ConfigDict):
@@ -384,7 +457,10 @@ _COMMON_RIGHT = [("nfe", "NFE"), ("tokens_per_forward", "tok/fwd"),
                  ("speedup_vs_torch", "speedup"), ("torch_overhead_frac", "torch overhead"),
                  ("token_agreement", "same tokens")]
 TABLE_COLUMNS = {
-    "ar": _COMMON_LEFT + [("ms_ar", "ms/step")] + _COMMON_RIGHT,
+    "ar": _COMMON_LEFT + [("ms_ar", "ms/step")] + _COMMON_RIGHT + [
+        ("llama_cpp_F32_tok_s", "llama.cpp F32 fwd/s"), ("vs_llama_cpp_F32", "vs llama.cpp F32"),
+        ("llama_cpp_F32_same_tokens", "same tokens as llama.cpp F32"),
+        ("llama_cpp_Q8_0_tok_s", "llama.cpp Q8_0 fwd/s"), ("vs_llama_cpp_Q8_0", "vs Q8_0")],
     "diffusion": _COMMON_LEFT + [("block_length", "B"), ("threshold", "τ"),
                                  ("ms_denoise", "ms/denoise"), ("ms_commit", "ms/commit"),
                                  ("torch_ms_denoise", "torch ms/denoise")] + _COMMON_RIGHT,
@@ -409,7 +485,9 @@ def render(report: dict[str, Any]) -> str:
            f"dtype: {report['dtype']}, load average (1 min) at start / end: "
            f"{env['load_average_1m']:.1f} / {env.get('load_average_1m_end', float('nan')):.1f}",
            "versions: " + ", ".join(f"{p} {env[p]}" for p in
-                                    ("python", "jax", "jaxlib", "flax", "torch", "transformers")),
+                                    ("python", "jax", "jaxlib", "flax", "torch", "transformers"))
+           + (f", llama-cpp-python {report['llama_cpp']['version']}"
+              if "version" in report.get("llama_cpp", {}) else ""),
            f"command: {report['command']}"]
   for mode in MODES:
     rows = [r for r in report["cases"] if r["mode"] == mode]
@@ -432,8 +510,12 @@ def run(config: ml_collections.ConfigDict, *, gpu_shapes: bool = False,
   threads = config.threads or bu.cpu_threads()
   torch.set_num_threads(threads)  # the same thread count as XLA:CPU's pool, for a fair CPU race
   dtype, _, _ = frameworks_dtype(config)
+  skipped = llama_cpp_skip_reason(config)
+  if skipped:
+    print(f"[bench] llama.cpp columns skipped: {skipped}", flush=True)
   report = {"environment": bu.environment(), "torch_threads": torch.get_num_threads(),
             "dtype": str(dtype), "command": command, "config": config.to_dict(),
+            "llama_cpp": {"skipped": skipped} if skipped else {"version": lcpp.version()},
             "cases": comparison_section(config)}
   if gpu_shapes:
     report["roofline"] = roofline_section(config)

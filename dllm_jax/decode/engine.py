@@ -92,7 +92,7 @@ def lower_programs(model: nnx.Module, batch: int, prompt_length: int,
   last_logits, cache = jax.eval_shape(functools.partial(_prefill, *statics["prefill"]),
                                       *args["prefill"])
   args["decode"] = args["init"] = (params, last_logits, cache, jax.tree.map(spec, knobs))
-  carry, _ = jax.eval_shape(functools.partial(_init, *statics["init"]), *args["init"])
+  carry, _, _ = jax.eval_shape(functools.partial(_init, *statics["init"]), *args["init"])
   args["step"] = (params, carry, args["init"][3])
   return {name: _JITTED[name].lower(*statics[name], *a) for name, a in args.items()}
 
@@ -174,18 +174,29 @@ def _decode(graphdef, settings, params, last_logits, cache, knobs):
                             m.init(ctx, last_logits, cache))
 
 
+def _progress(carry) -> tuple[jax.Array, jax.Array]:
+  """What the streaming host reads: ids so far and each row's count, as outputs of their own
+  (copies), so they stay readable after the carry is donated to the next step."""
+  return carry["out"], carry["count"]
+
+
 def _init(graphdef, settings, params, last_logits, cache, knobs):
   ctx = _ctx(graphdef, settings, params, knobs)
   m = MODES[settings.mode]
   carry = m.init(ctx, last_logits, cache)
-  return carry, m.running(ctx, carry)
+  return carry, m.running(ctx, carry), _progress(carry)
 
 
 def _step(graphdef, settings, params, carry, knobs):
+  """One iteration of the decode loop, or none once it has stopped running: the streaming host
+  queues the next step before it has read whether this one was the last."""
   ctx = _ctx(graphdef, settings, params, knobs)
   m = MODES[settings.mode]
-  carry = m.step(ctx, carry)
-  return carry, m.running(ctx, carry)
+  # A while_loop of at most one trip (not lax.cond): the cache is updated in place, as in "decode".
+  carry, _ = jax.lax.while_loop(lambda c: c[1] & m.running(ctx, c[0]),
+                                lambda c: (m.step(ctx, c[0]), jnp.bool_(False)),
+                                (carry, jnp.bool_(True)))
+  return carry, m.running(ctx, carry), _progress(carry)
 
 
 _PROGRAMS = {  # name -> (function, static_argnums, donate_argnums); the cache is always donated
@@ -216,6 +227,10 @@ class _Runner:
     self.compile_seconds_total = 0.0
 
   def call(self, name: str, *args):
+    return self.executable(name, *args)(*args)
+
+  def executable(self, name: str, *args):
+    """The program compiled for these arguments' shapes and shardings (compiled on first use)."""
     jitted = _JITTED[name]
     statics = self.statics[name]
     key = (name, statics, _signature(args))
@@ -231,7 +246,7 @@ class _Runner:
       self._pending += spent
       self.compile_seconds_total += spent
       _COMPILED[key] = exe
-    return exe(*args)
+    return exe
 
   def _sharded_jit(self, name: str, statics: tuple, args: tuple):
     """The program jitted with explicit shardings: inputs as placed; outputs: the cache on its
@@ -260,12 +275,19 @@ class _Runner:
 # --- streaming and results ------------------------------------------------------------------------
 
 def _stream(runner, params, last_logits, cache, knobs, eos_ids, on_tokens):
-  """Python loop over the jitted step; reports each row's newly committed ids after every step."""
-  carry, running = runner.call("init", params, last_logits, cache, knobs)
+  """Python loop over the jitted step; reports each row's newly committed ids after every step.
+
+  Step k + 1 is queued before the ids of step k are read, so the device never waits for the host
+  (reading, the callback, dispatching); a step queued after the last one changes nothing. The
+  executable is looked up once: the lookup flattens the whole parameter tree.
+  """
+  carry, running, progress = runner.call("init", params, last_logits, cache, knobs)
+  step = runner.executable("step", params, carry, knobs)
   sent = np.zeros(last_logits.shape[0], np.int64)
   while True:
+    carry, next_running, next_progress = step(params, carry, knobs)
     # A finished row's count stops moving, so nothing past its EOS is ever sent.
-    out, count = gather(carry["out"]), gather(carry["count"])
+    out, count = (gather(x) for x in progress)
     for b in range(out.shape[0]):
       new = _cut_at_eos(out[b, sent[b]:count[b]].tolist(), eos_ids)
       if new:
@@ -273,7 +295,7 @@ def _stream(runner, params, last_logits, cache, knobs, eos_ids, on_tokens):
       sent[b] = count[b]
     if not bool(gather(running)):
       return carry
-    carry, running = runner.call("step", params, carry, knobs)
+    running, progress = next_running, next_progress
 
 
 def _cut_at_eos(ids: list[int], eos_ids: tuple[int, ...]) -> list[int]:
