@@ -6,7 +6,8 @@ python scripts/serve.py --config=configs/serve_nld.py --config.checkpoint=/path/
 `python scripts/serve.py --help` lists every knob with the comment on its line here (or the comment
 lines right above it): keep each one a self-contained description. SmolLM2 is autoregressive and
 has no mask token: it serves "ar" and "spec" (drafting from `mask_token_id`, a control token the
-chat never produces, which keeps greedy output exact); "diffusion" is not served.
+chat never produces, which keeps greedy output exact; "quadratic" drafts from it too and can be
+added to --config.modes); "diffusion" is not served.
 """
 
 from ml_collections import config_dict
@@ -37,8 +38,9 @@ def serve_config(**overrides) -> config_dict.ConfigDict:
   c.max_prompt_tokens = 512  # longest prompt accepted in tokens (413 beyond)
   c.max_tokens_limit = 256  # most tokens one request may generate (400 beyond)
   c.default_max_tokens = 128  # max_tokens of a request that does not set it
-  c.modes = "ar,spec"  # decoding modes served, comma-separated: ar, diffusion, spec
-  # diffusion / spec block lengths served, comma-separated; empty: the checkpoint's block_size
+  c.modes = "ar,spec"  # decoding modes served, comma-separated: ar, diffusion, spec, quadratic
+  # diffusion / spec / quadratic block lengths served, comma-separated; empty: the checkpoint's
+  # block_size
   c.block_lengths = ""
   c.sampling = True  # also serve temperature > 0 (compiles the sampled programs too)
   # step all slots of a mode in one vmapped program (throughput) instead of one slot at a time
@@ -49,9 +51,13 @@ def serve_config(**overrides) -> config_dict.ConfigDict:
   c.diffusion_threshold = 0.9  # default diffusion confidence threshold
   c.fixed_schedule = False  # default diffusion schedule: commit M // B positions per step
   c.spec_threshold = 0.0  # default speculative draft threshold (0: one draft forward per round)
-  c.temperature = 0.0  # default sampling temperature; 0: greedy
+  # default quadratic AR/draft logit mix weight in [0, 1]; None: the exact AR token starts each
+  # draft (greedy AR output)
+  c.ar_mix_weight = config_dict.placeholder(float)
+  c.temperature = 0.0  # default sampling temperature (not applied to quadratic); 0: greedy
   c.seed = config_dict.placeholder(int)  # default sampling seed; None: a random seed per request
-  # mask id for drafting when the checkpoint has none (spec on an AR model; output stays exact)
+  # mask id for drafting when the checkpoint has none (spec or quadratic on an AR model; greedy
+  # output stays exact)
   c.mask_token_id = 16  # SmolLM2's <empty_output>
   c.shutdown_timeout = 30  # seconds SIGTERM waits for requests in flight before cancelling them
   c.log_level = "info"  # "debug", "info", "warning" or "error"; request text is never logged

@@ -1,4 +1,4 @@
-r"""Serve a checkpoint over HTTP with an OpenAI-compatible API (continuous batching, all three
+r"""Serve a checkpoint over HTTP with an OpenAI-compatible API (continuous batching, all four
 decoding modes in flight at once).
 
   python scripts/serve.py                                      # embedded SmolLM2, 127.0.0.1:8000
@@ -27,7 +27,7 @@ from ml_collections import config_dict, config_flags
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 DEFAULT_CONFIG = os.path.join(CONFIGS, "serve.py")
 API_KEY_ENV = "DLLM_API_KEY"
-MODES = ("ar", "diffusion", "spec")
+MODES = ("ar", "diffusion", "spec", "quadratic")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 EXIT_USAGE = 2
 
@@ -121,6 +121,8 @@ def check(c: config_dict.ConfigDict) -> dict:
   for key in ("diffusion_threshold", "spec_threshold"):
     if not 0 <= c[key] <= 1:
       raise UsageError(f"--config.{key}={c[key]}: expected a number in [0, 1]")
+  if c.ar_mix_weight is not None and not 0 <= c.ar_mix_weight <= 1:
+    raise UsageError(f"--config.ar_mix_weight={c.ar_mix_weight}: expected a number in [0, 1]")
   return dict(modes=tuple(modes), blocks=blocks or None)
 
 
@@ -187,7 +189,8 @@ def main(argv: list[str]) -> int:
       max_connections=c.max_connections, default_max_tokens=c.default_max_tokens,
       defaults=dict(mode=c.mode, block_length=c.block_length,
                     diffusion_threshold=c.diffusion_threshold, spec_threshold=c.spec_threshold,
-                    fixed_schedule=c.fixed_schedule, temperature=c.temperature, seed=c.seed),
+                    fixed_schedule=c.fixed_schedule, ar_mix_weight=c.ar_mix_weight,
+                    temperature=c.temperature, seed=c.seed),
       cors_origins=tuple(_csv(c, "cors_origins")))
   app = create_app(engine, loaded.tokenizer, server_config)
   server = uvicorn.Server(uvicorn.Config(app, host=c.host, port=c.port, log_level=c.log_level,

@@ -1,5 +1,5 @@
 """The serving engine (dllm_jax/serving/engine.py): every request's ids equal `generate` on that
-request alone while requests of all three modes and different knobs share the slots, continuous
+request alone while requests of all four modes and different knobs share the slots, continuous
 batching (joining mid-flight, slots freed on finish and cancel), a bounded queue, and no
 compilation once the engine has started."""
 
@@ -11,13 +11,13 @@ import jax
 import pytest
 
 import decode_reference as ref
-from dllm_jax.decode import AR, Diffusion, Spec, generate
+from dllm_jax.decode import AR, Diffusion, Quadratic, Spec, generate
 from dllm_jax.serving import Engine, EngineConfig, PromptTooLong, QueueFull
 
 N, EOS, WAIT = 16, 63, 60.0
 
-# (prompt, settings): the three modes, greedy and sampled, thresholds, fixed schedule, EOS or not,
-# different lengths; more requests than slots, so some wait for a slot to free.
+# (prompt, settings): the four modes, greedy and sampled, thresholds, fixed schedule, AR/draft mix,
+# EOS or not, different lengths; more requests than slots, so some wait for a slot to free.
 CASES = [
     ([5, 9, 20, 33, 41], AR(max_new_tokens=N, eos_token_ids=EOS)),
     ([60, 2, 3], Diffusion(max_new_tokens=N, block_length=4, threshold=0.9, eos_token_ids=EOS)),
@@ -30,6 +30,9 @@ CASES = [
                           threshold=0.5, eos_token_ids=())),
     ([44, 45, 46, 47, 48, 49, 50], Diffusion(max_new_tokens=N, block_length=4, threshold=0.5,
                                              eos_token_ids=EOS)),
+    ([9, 30, 31, 32, 33, 34], Quadratic(max_new_tokens=N, block_length=4, eos_token_ids=EOS)),
+    ([12, 6, 40], Quadratic(max_new_tokens=N, block_length=4, ar_mix_weight=0.5,
+                            eos_token_ids=())),
 ]
 
 
@@ -43,7 +46,7 @@ def engine(model):
   # Two prompt buckets (16, 32): the cache rows are longer than those of `generate` on a short
   # prompt, which must not change any id.
   e = Engine(model, EngineConfig(slots=3, max_prompt_tokens=32, max_new_tokens=N,
-                                 block_lengths=(4,), queue_size=8))
+                                 block_lengths=(4,), queue_size=10))
   e.start()
   yield e
   e.stop(cancel=True, timeout=WAIT)
@@ -209,8 +212,8 @@ def server(engine, tokenizer):
   config = ServerConfig(model_name="tiny", api_key=KEY, max_body_bytes=4096, max_connections=8,
                         default_max_tokens=8,
                         defaults=dict(mode="ar", block_length=None, diffusion_threshold=0.9,
-                                      spec_threshold=0.0, fixed_schedule=False, temperature=0.0,
-                                      seed=None))
+                                      spec_threshold=0.0, fixed_schedule=False,
+                                      ar_mix_weight=None, temperature=0.0, seed=None))
   app = create_app(engine, tokenizer, config)
   uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
   thread = threading.Thread(target=uv.run, daemon=True)
@@ -284,6 +287,18 @@ def test_completions_stop_strings_and_stop_ids(client, model, tokenizer):
   assert stop_id.choices[0].finish_reason == "stop" and stop_id.usage.completion_tokens == 1
 
 
+def test_quadratic_over_http_equals_generate(client, model, tokenizer):
+  # max_tokens need not be a whole number of blocks: the engine decodes whole blocks and stops.
+  prompt = tokenizer.encode_raw("the sea is")
+  want = generate(model, [prompt], Quadratic(max_new_tokens=N, block_length=4, ar_mix_weight=0.5,
+                                             eos_token_ids=())).tokens[0][:N - 2]
+  got = client.completions.create(model="tiny", prompt="the sea is", max_tokens=N - 2,
+                                  extra_body={"mode": "quadratic", "block_length": 4,
+                                              "ar_mix_weight": 0.5})
+  assert got.choices[0].text == tokenizer.decode(want)
+  assert got.usage.completion_tokens == len(want) == N - 2
+
+
 def test_models_health_and_auth(client, server):
   import httpx
   import openai
@@ -343,6 +358,10 @@ def test_concurrent_connection_limit():
     (dict(extra_body={"mode": "quantum"}), 400, "mode"),
     (dict(extra_body={"mode": "diffusion", "threshold": 2.0}), 400, "threshold"),
     (dict(extra_body={"mode": "spec", "block_length": 8}), 400, "block_length"),
+    (dict(temperature=0.5, extra_body={"mode": "quadratic"}), 400, "temperature"),
+    (dict(extra_body={"mode": "quadratic", "threshold": 0.5}), 400, "threshold"),
+    (dict(extra_body={"mode": "quadratic", "ar_mix_weight": 1.5}), 400, "ar_mix_weight"),
+    (dict(extra_body={"mode": "spec", "ar_mix_weight": 0.5}), 400, "ar_mix_weight"),
     (dict(extra_body={"bogus": 1}), 400, "bogus"),
     (dict(model="gpt-4"), 404, "model"),
     (dict(messages=[{"role": "user", "content": "sea " * 40}]), 413, "messages"),

@@ -1,4 +1,4 @@
-"""Continuous batching over a fixed set of slots: requests of all three decoding modes in flight at
+"""Continuous batching over a fixed set of slots: requests of all four decoding modes in flight at
 once, each decoded exactly as `generate(model, [prompt], settings)` would decode it alone.
 
     engine = Engine(model, EngineConfig(slots=8))
@@ -8,7 +8,8 @@ once, each decoded exactly as `generate(model, [prompt], settings)` would decode
     engine.stop()
 
 Layout (docs/serving.md): one preallocated KV cache of `slots` rows; a slot holds one request. A
-request's decoding "group" is what shapes its programs: (mode, block length, greedy or sampled).
+request's decoding "group" is what shapes its programs: (mode, block length, greedy or sampled;
+quadratic self-speculation is greedy only).
 Each group keeps a carry for every slot (the mode's batch-1 carry with a leading slot axis) in which
 slots that are not its own are marked done, so they stay untouched. The mode's batch-1 `step` runs
 under `jax.vmap` over the slots with per-slot knobs (seed, threshold, temperature, EOS ids), so a
@@ -45,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dllm_jax import decode
 from dllm_jax.decode.common import MIN_BUCKET, Settings, bucket_length, cache_length
-from dllm_jax.decode.settings import AR, DecodeSettings, Diffusion, Spec
+from dllm_jax.decode.settings import AR, DecodeSettings, Diffusion, Quadratic, Spec
 from dllm_jax.kv_cache import KVCache
 from dllm_jax.sharding import gather
 
@@ -76,18 +77,20 @@ class EngineConfig:
   max_new_tokens: the most ids one request may ask for.
   modes: decoding modes served; diffusion needs a mask token.
   block_lengths: diffusion / speculative block lengths served (None: the checkpoint's block_size).
-  sampling: compile the sampled (temperature > 0) programs as well as the greedy ones.
+  sampling: compile the sampled (temperature > 0) programs as well as the greedy ones (quadratic
+    self-speculation is greedy only: it has no sampled programs).
   batched: False (default) steps each live slot with the batch-1 program: every request's ids are
     exactly those of `generate(model, [prompt], settings)`. True steps all slots of a group in one
     vmapped program: one forward per round for the whole group (throughput), same sampling events,
     but the arithmetic of a batch, whose rounding can flip a near-tie (docs/serving.md).
   queue_size: requests waiting for a slot at most; beyond it `submit` raises QueueFull.
-  spec_mask_token_id: the id speculative drafts start from (None: the checkpoint's mask token).
+  spec_mask_token_id: the id speculative drafts (spec and quadratic) start from (None: the
+    checkpoint's mask token).
   """
   slots: int = 4
   max_prompt_tokens: int = 256
   max_new_tokens: int = 256
-  modes: tuple[str, ...] = ("ar", "diffusion", "spec")
+  modes: tuple[str, ...] = ("ar", "diffusion", "spec", "quadratic")
   block_lengths: tuple[int, ...] | None = None
   sampling: bool = True
   batched: bool = False
@@ -203,10 +206,15 @@ def _prefill(graphdef, params, cache: KVCache, slot, tokens, length):
   return logits[:, 0], cache
 
 
-def _init(graphdef, settings: Settings, params, carry, slot, last_logits, knobs):
-  """The mode's batch-1 init for the request admitted to `slot`, written into the group carry."""
+def _init(graphdef, settings: Settings, params, cache: KVCache, carry, slot, last_logits, knobs):
+  """The mode's batch-1 init for the request admitted to `slot`, written into the group carry.
+  Quadratic self-speculation drafts its first block against the slot's prompt cache (read only:
+  the cache that forward returns is dropped)."""
+  row = lambda buf: jax.lax.dynamic_slice_in_dim(buf, slot, 1, axis=0)
+  prompt = KVCache(tuple(map(row, cache.k)), tuple(map(row, cache.v)),
+                   jax.lax.dynamic_slice_in_dim(cache.lengths, slot, 1))
   new = decode.MODES[settings.mode].init(decode._ctx(graphdef, settings, params, knobs),  # pylint: disable=protected-access
-                                         last_logits, None)
+                                         last_logits, prompt)
   del new["cache"]
   return jax.tree.map(lambda all_slots, one: all_slots.at[slot].set(one), carry, new)
 
@@ -246,6 +254,9 @@ def _step_batched(graphdef, settings: Settings, params, cache: KVCache, carry, k
   return KVCache(k, v, lengths), carry
 
 
+_DRAFTING = ("spec", "quadratic")  # the modes whose drafts start from `spec_mask_token_id`
+
+
 class Engine:
   """Slots, queue and loop thread over one model (module docstring)."""
 
@@ -260,15 +271,16 @@ class Engine:
       raise ValueError("modes: diffusion needs a mask token, but the model config has "
                        "mask_token_id=None")
     spec_mask = cfg.mask_token_id if config.spec_mask_token_id is None else config.spec_mask_token_id
-    if "spec" in modes and spec_mask is None:
-      raise ValueError("modes: spec needs a mask id to draft from (set spec_mask_token_id)")
+    for mode in ("spec", "quadratic"):
+      if mode in modes and spec_mask is None:
+        raise ValueError(f"modes: {mode} needs a mask id to draft from (set spec_mask_token_id)")
     self.spec_mask_token_id = spec_mask
     blocks = tuple(config.block_lengths or (cfg.block_size,))
     self.block_lengths = blocks
     self.groups: list[Group] = []
     for mode in modes:
       for block in ((1,) if mode == "ar" else blocks):
-        for greedy in ((True, False) if config.sampling else (True,)):
+        for greedy in ((True, False) if config.sampling and mode != "quadratic" else (True,)):
           self.groups.append(Group(mode, block, greedy))
     self.max_bucket = bucket_length(config.max_prompt_tokens)
     self.buckets = [b for b in itertools.takewhile(
@@ -282,7 +294,7 @@ class Engine:
       budget = -(-config.max_new_tokens // g.block_length) * g.block_length
       self.statics[g] = Settings(
           mode=g.mode, max_new_tokens=budget, block_length=g.block_length, greedy=g.greedy,
-          mask_id=(-1 if g.mode == "ar" else int(spec_mask if g.mode == "spec"
+          mask_id=(-1 if g.mode == "ar" else int(spec_mask if g.mode in _DRAFTING
                                                  else cfg.mask_token_id)),
           draft_lora=g.mode == "spec" and has_lora, causal_context=True)
     self._graphdef, self._params = nnx.split(model)
@@ -377,8 +389,8 @@ class Engine:
       fn = functools.partial(_init, self._graphdef, self.statics[what])
       carry = jax.tree.map(spec, self._carries[what])
       knobs = {k: host(v.shape[1:], v.dtype) for k, v in self._knobs.items()}
-      args = (self._params, carry, slot, host(logits_spec.shape, logits_spec.dtype), knobs)
-      donate = (1,)
+      args = (self._params, cache, carry, slot, host(logits_spec.shape, logits_spec.dtype), knobs)
+      donate = (2,)
       outs = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, carry)
     else:
       step = _step_batched if self.config.batched else _step_slot
@@ -406,7 +418,7 @@ class Engine:
         raise ValueError(f"block_length={block} is not served (served: "
                          f"{', '.join(map(str, self.block_lengths))})")
       raise ValueError("temperature: only greedy decoding (temperature=0) is served")
-    if settings.mode == "spec" and settings.mask_id != self.statics[group].mask_id:
+    if settings.mode in _DRAFTING and settings.mask_id != self.statics[group].mask_id:
       raise ValueError(f"mask_token_id={settings.mask_id}: this server drafts from "
                        f"{self.statics[group].mask_id}")
     if settings.draft_lora != self.statics[group].draft_lora:
@@ -429,7 +441,7 @@ class Engine:
                           f"{self.config.max_prompt_tokens}")
     if isinstance(settings, Diffusion) and not settings.causal_context:
       raise ValueError("causal_context=False is not served")
-    if isinstance(settings, Spec) and settings.mask_token_id is None and \
+    if isinstance(settings, (Spec, Quadratic)) and settings.mask_token_id is None and \
         self.spec_mask_token_id is not None:
       settings = dataclasses.replace(settings, mask_token_id=self.spec_mask_token_id)
     resolved, static, knobs = decode._prepare(self.model, [prompt], settings)  # pylint: disable=protected-access
@@ -536,8 +548,8 @@ class Engine:
     for k, v in request.knobs.items():
       self._knobs[k][slot] = v
     g = request.group
-    self._carries[g] = self._programs[("init", g)](self._params, self._carries[g], slot_arr,
-                                                    logits, request.knobs)
+    self._carries[g] = self._programs[("init", g)](self._params, self._cache, self._carries[g],
+                                                    slot_arr, logits, request.knobs)
     self._collect(g, [slot])
 
   def _round(self) -> None:

@@ -6,8 +6,8 @@
 
 `stream: true` answers with server-sent events (`data: {chunk}` ... `data: [DONE]`). The decoding
 mode and its knobs are extra body fields (`mode`, `block_length`, `threshold`, `fixed_schedule`,
-`stop_token_ids`); what a request leaves out comes from `ServerConfig.defaults`. Every error is
-OpenAI-shaped: {"error": {"message", "type", "param", "code"}}. docs/serving.md.
+`ar_mix_weight`, `stop_token_ids`); what a request leaves out comes from `ServerConfig.defaults`.
+Every error is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}. docs/serving.md.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ class ServerConfig:
   api_key: when set, every endpoint but /health needs `Authorization: Bearer <api_key>`.
   max_body_bytes, max_connections: limits on a request body and on requests handled at once.
   default_max_tokens: `max_tokens` when a request leaves it out.
-  defaults: mode, block_length, diffusion_threshold, spec_threshold, fixed_schedule, temperature
-    and seed (None: a fresh random seed per request) for fields a request leaves out.
+  defaults: mode, block_length, diffusion_threshold, spec_threshold, fixed_schedule,
+    ar_mix_weight, temperature (not applied to quadratic requests, which are greedy) and seed
+    (None: a fresh random seed per request) for fields a request leaves out.
   cors_origins: origins allowed cross-origin requests; empty: no CORS headers at all.
   retry_after_seconds: the Retry-After of a 429 (queue full) or 503 (connections, shutdown).
   """
@@ -59,7 +60,7 @@ class ServerConfig:
   default_max_tokens: int = 128
   defaults: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(
       mode="ar", block_length=None, diffusion_threshold=0.9, spec_threshold=0.0,
-      fixed_schedule=False, temperature=0.0, seed=None))
+      fixed_schedule=False, ar_mix_weight=None, temperature=0.0, seed=None))
   cors_origins: tuple[str, ...] = ()
   retry_after_seconds: int = 1
 
@@ -100,10 +101,11 @@ class _Body(BaseModel):
   stream_options: _StreamOptions | None = None
   user: str | None = None  # accepted as OpenAI does; not used
   # NLD decoding (extra body fields)
-  mode: Literal["ar", "diffusion", "spec"] | None = None
+  mode: Literal["ar", "diffusion", "spec", "quadratic"] | None = None
   block_length: int | None = None
   threshold: float | None = None
   fixed_schedule: bool | None = None
+  ar_mix_weight: float | None = None
 
 
 class _Message(BaseModel):
@@ -264,6 +266,10 @@ async def _parse(request: Request, model: type[BaseModel], config: ServerConfig)
 
 # Settings fields as the API names them.
 _PARAMS = {"max_new_tokens": "max_tokens", "eos_token_ids": "stop_token_ids"}
+# The NLD body fields each mode takes; the others are refused by name.
+_MODE_FIELDS = {"ar": (), "diffusion": ("block_length", "threshold", "fixed_schedule"),
+                "spec": ("block_length", "threshold"),
+                "quadratic": ("block_length", "ar_mix_weight")}
 
 
 def _settings(engine: Engine, config: ServerConfig, body: _Body, max_tokens: int | None,
@@ -279,7 +285,14 @@ def _settings(engine: Engine, config: ServerConfig, body: _Body, max_tokens: int
     raise APIError(400, f"{max_param}={limit}: this server generates at most "
                    f"{engine.config.max_new_tokens} tokens", param=max_param,
                    code="invalid_value")
-  temperature = d["temperature"] if body.temperature is None else body.temperature
+  for name in ("block_length", "threshold", "fixed_schedule", "ar_mix_weight"):
+    if getattr(body, name) is not None and name not in _MODE_FIELDS[mode]:
+      raise APIError(400, f"{name}: not a setting of {mode} decoding", param=name,
+                     code="invalid_value")
+  # Quadratic self-speculation is greedy: the server's default temperature does not apply to it
+  # (a request that sends temperature > 0 with it is refused by the settings).
+  default_temperature = 0.0 if mode == "quadratic" else d["temperature"]
+  temperature = default_temperature if body.temperature is None else body.temperature
   seed = body.seed if body.seed is not None else d["seed"]
   knobs = dict(temperature=float(temperature),
                seed=secrets.randbits(32) if seed is None else int(seed))
@@ -297,20 +310,17 @@ def _settings(engine: Engine, config: ServerConfig, body: _Body, max_tokens: int
   if mode != "ar":
     block = body.block_length or d["block_length"] or engine.block_lengths[0]
     knobs["block_length"] = block
+  if mode in ("diffusion", "spec"):
     knobs["threshold"] = body.threshold if body.threshold is not None else d[f"{mode}_threshold"]
-    if mode == "diffusion":
-      knobs["fixed_schedule"] = (d["fixed_schedule"] if body.fixed_schedule is None
-                                 else body.fixed_schedule)
-      if isinstance(block, int) and block > 0:  # whole blocks; the engine stops at `limit`
-        knobs["max_new_tokens"] = -(-limit // block) * block
-  else:
-    for name in ("block_length", "threshold", "fixed_schedule"):
-      if getattr(body, name) is not None:
-        raise APIError(400, f"{name}: not a setting of ar decoding", param=name,
-                       code="invalid_value")
-  if mode == "spec" and body.fixed_schedule is not None:
-    raise APIError(400, "fixed_schedule: not a setting of spec decoding", param="fixed_schedule",
-                   code="invalid_value")
+  if mode == "diffusion":
+    knobs["fixed_schedule"] = (d["fixed_schedule"] if body.fixed_schedule is None
+                               else body.fixed_schedule)
+  if mode == "quadratic":
+    knobs["ar_mix_weight"] = (d["ar_mix_weight"] if body.ar_mix_weight is None
+                              else body.ar_mix_weight)
+  if mode in ("diffusion", "quadratic") and isinstance(block, int) and block > 0:
+    # Whole blocks; the engine stops at `limit`.
+    knobs["max_new_tokens"] = -(-limit // block) * block
   knobs.setdefault("max_new_tokens", limit)
   try:
     return settings_for(mode, **knobs), limit
