@@ -346,9 +346,13 @@ class NLDModel(nnx.Module):
       self.diffusion_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"),
                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if quantize:
-      for _, module in self.iter_modules():
-        if isinstance(module, Linear):
-          module.quantize_kernel(quantize)
+      self._quantize_linears(quantize)
+
+  def _quantize_linears(self, mode: str) -> None:
+    for _, module in self.iter_modules():
+      if isinstance(module, Linear):
+        module.quantize_kernel(mode)
+    self.quantize = mode
 
   def __call__(self, tokens: jax.Array, *, pattern: str = "causal", cache: KVCache | None = None,
                append: bool = False, n_new: jax.Array | None = None,
@@ -425,6 +429,16 @@ def _run_layer(layer_def, attend, lora, layer_state, h, rope, kbuf, vbuf):
   traced and lowered once and reused: the program still reads each layer's own buffers (XLA
   inlines the call), but tracing no longer grows with depth."""
   return nnx.merge(layer_def, layer_state)(h, rope, attend, kbuf, vbuf, lora)
+
+
+def quantized(model: NLDModel, mode: str) -> NLDModel:
+  """A copy of an unquantized `model` with every Linear kernel quantized to `mode` ("int8" or
+  "fp8"); the other arrays are shared, not copied."""
+  if model.quantize:
+    raise ValueError(f"the model is already {model.quantize}-quantized")
+  out = nnx.clone(model)
+  out._quantize_linears(quant_lib.check_mode(mode))  # pylint: disable=protected-access
+  return out
 
 
 def lora_linears(model: NLDModel) -> list[tuple[str, int, Linear]]:

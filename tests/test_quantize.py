@@ -7,8 +7,11 @@ model built from the numpy-dequantized weights, and error bounds derived from th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -246,3 +249,46 @@ def test_bad_quantize_and_export(hf_dir, loaded, tmp_path):
   with pytest.raises(ValueError, match="int8-quantized kernels"):
     export_hf(loaded["int8"], tmp_path / "export")
   assert not (tmp_path / "export").exists()
+
+
+def test_converter_and_cli_knob(tmp_path, hf_dir, capsys):
+  """scripts/convert_checkpoint.py --quantize writes a quantized directory; an unknown mode exits
+  2 naming it, in the converter and in scripts/generate.py."""
+  scripts = Path(__file__).resolve().parents[1] / "scripts"
+  sys.path.insert(0, str(scripts))
+  import convert_checkpoint  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "int8"
+  assert convert_checkpoint.main(["--hf", str(hf_dir), "--out", str(out), "--quantize=int8"]) == 0
+  assert "int8 linear kernels" in capsys.readouterr().out
+  assert loader.load(out).model.quantize == "int8"
+  with pytest.raises(SystemExit) as e:
+    convert_checkpoint.main(["--hf", str(hf_dir), "--out", str(tmp_path / "x"), "--quantize=int4"])
+  assert e.value.code == 2 and "--quantize: invalid choice: 'int4'" in capsys.readouterr().err
+  spec = importlib.util.spec_from_file_location("generate_cli_quantize", scripts / "generate.py")
+  cli = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = cli  # dataclasses resolve annotations through sys.modules
+  spec.loader.exec_module(cli)
+  with pytest.raises(cli.UsageError, match=r"^--config.quantize='int4': expected one of '', "
+                                           r"'int8', 'fp8'$"):
+    cli.main(["generate.py", "--config=configs/nld.py", f"--config.checkpoint={hf_dir}",
+              "--config.quantize=int4", f"--config.output_json={tmp_path / 'o.json'}"])
+
+
+def test_bench_runs_quantized_cases_beside_the_unquantized_one():
+  """scripts/bench.py: each quantized copy runs the same case, with its token agreement against
+  the unquantized engine and its parameter bytes."""
+  import runpy  # pylint: disable=g-import-not-at-top
+  root = Path(__file__).resolve().parents[1]
+  sys.path.insert(0, str(root / "scripts"))
+  import bench  # pylint: disable=g-import-not-at-top
+  config = runpy.run_path(str(root / "configs" / "bench_smoke.py"))["get_config"]()
+  config.quantize = ("int8",)
+  config.torch_baseline = False
+  config.diffusion.models = ()
+  config.spec.models = ()
+  rows = bench.run(config, command="pytest")["cases"]
+  assert [(r["model"], r["quantize"]) for r in rows] == [("tiny", None), ("tiny int8", "int8")]
+  assert 0 <= rows[1]["token_agreement"] <= 1 and rows[1]["param_mb"] < rows[0]["param_mb"]
+  assert "tiny int8" in bench.render({"environment": rows and bench.bu.environment(),
+                                      "torch_threads": 1, "dtype": "float32", "command": "",
+                                      "cases": rows})
