@@ -259,7 +259,7 @@ def _convert_fn(sharding, dtype, transpose: bool):
 @functools.lru_cache(maxsize=None)
 def _quantize_fn(shardings, mode: str, transpose: bool):
   """x -> (values, scales) of the kernel x.T (or x), each written onto its own sharding."""
-  return jax.jit(lambda x: quant_lib.quantize_kernel(x.T if transpose else x, mode),
+  return jax.jit(lambda x: quant_lib.quantize_kernel(x, mode, transposed=transpose),
                  out_shardings=shardings)
 
 

@@ -272,23 +272,3 @@ def test_converter_and_cli_knob(tmp_path, hf_dir, capsys):
                                            r"'int8', 'fp8'$"):
     cli.main(["generate.py", "--config=configs/nld.py", f"--config.checkpoint={hf_dir}",
               "--config.quantize=int4", f"--config.output_json={tmp_path / 'o.json'}"])
-
-
-def test_bench_runs_quantized_cases_beside_the_unquantized_one():
-  """scripts/bench.py: each quantized copy runs the same case, with its token agreement against
-  the unquantized engine and its parameter bytes."""
-  import runpy  # pylint: disable=g-import-not-at-top
-  root = Path(__file__).resolve().parents[1]
-  sys.path.insert(0, str(root / "scripts"))
-  import bench  # pylint: disable=g-import-not-at-top
-  config = runpy.run_path(str(root / "configs" / "bench_smoke.py"))["get_config"]()
-  config.quantize = ("int8",)
-  config.torch_baseline = False
-  config.diffusion.models = ()
-  config.spec.models = ()
-  rows = bench.run(config, command="pytest")["cases"]
-  assert [(r["model"], r["quantize"]) for r in rows] == [("tiny", None), ("tiny int8", "int8")]
-  assert 0 <= rows[1]["token_agreement"] <= 1 and rows[1]["param_mb"] < rows[0]["param_mb"]
-  assert "tiny int8" in bench.render({"environment": rows and bench.bu.environment(),
-                                      "torch_threads": 1, "dtype": "float32", "command": "",
-                                      "cases": rows})
