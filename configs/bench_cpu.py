@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.prompt_length = 64
   c.torch_baseline = True
   # weight-only quantized copies of each model, run beside it (JAX only): "int8", "fp8"
-  c.quantize = ("int8", "fp8")
+  c.quantize = ()
 
   c.model_order = ("nld-100m", "smollm2")
   c.models = ml_collections.ConfigDict()

@@ -16,7 +16,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.repeats = 1
   c.forward_repeats = 1
   c.prompt_length = 8
-  c.quantize = ()  # tests/test_quantize.py runs the quantized cases
   c.model_order = ("tiny",)
   c.models = ml_collections.ConfigDict()
   c.models["tiny"] = dict(source="random", base="tiny", overrides=TINY)

@@ -34,10 +34,13 @@ def param_bytes(model) -> int:
   return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def next_token_logits(model, ids: list[int]):
+def next_token_logits(model, ids: list[int], bucket: int = 128):
+  """Causal logits [len(ids), V]; the input is padded to a multiple of `bucket` so that inputs of
+  many lengths share a few compiled programs (padding after the last id changes nothing before)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  logits, _ = model(jnp.asarray([ids], jnp.int32))
-  return logits[0].astype(jnp.float32)
+  padded = ids + [0] * (-len(ids) % bucket)
+  logits, _ = model(jnp.asarray([padded], jnp.int32))
+  return logits[0, :len(ids)].astype(jnp.float32)
 
 
 def top2_margins(logits) -> list[float]:

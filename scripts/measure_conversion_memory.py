@@ -110,7 +110,9 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--size-gb", type=float, default=2.0)
   p.add_argument("--dtype", choices=sorted(NP_DTYPES), default="bfloat16")
-  p.add_argument("--workdir", default=None, help="where to write (default: a temp dir, removed)")
+  p.add_argument("--workdir", default=None,
+                 help="where to write (default: a temp dir, removed); kept, and its synthetic "
+                      "checkpoint reused by later runs with the same --workdir")
   p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
                  help="quantize the linear kernels while loading (and store them quantized)")
   p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # child-process mode
@@ -123,7 +125,13 @@ def main() -> None:
   try:
     cfg = synthetic_config(args.size_gb, args.dtype)
     t0 = time.perf_counter()
-    size = write_synthetic(work / "hf", cfg, args.dtype)
+    if (work / "hf").is_dir():  # a --workdir kept from an earlier run with the same sizes
+      size = (work / "hf" / "model.safetensors").stat().st_size
+      cfg = cfg.replace(num_layers=json.loads((work / "hf" / "config.json").read_text())[
+          "num_hidden_layers"])
+    else:
+      size = write_synthetic(work / "hf", cfg, args.dtype)
+    shutil.rmtree(work / "conv", ignore_errors=True)  # the convert phase writes it afresh
     print(f"synthetic checkpoint: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab "
           f"{cfg.vocab_size}, {args.dtype}: model.safetensors {size / 1e9:.2f} GB "
           f"(written in {time.perf_counter() - t0:.0f} s); quantize: {args.quantize}", flush=True)
