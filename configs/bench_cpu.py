@@ -26,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.forward_repeats = 5  # isolated single-forward timings
   c.prompt_length = 64
   c.torch_baseline = True
+  # weight-only quantized copies of each model, run beside it (JAX only): "int8", "fp8"
+  c.quantize = ()
 
   c.model_order = ("nld-100m", "smollm2")
   c.models = ml_collections.ConfigDict()

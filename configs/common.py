@@ -17,6 +17,8 @@ def generate_config(**overrides) -> config_dict.ConfigDict:
   c.checkpoint = config_dict.placeholder(str)
   c.lora = True  # load the draft LoRA (linear_spec_lora/) for spec-mode drafting when present
   c.dtype = "auto"  # "auto" (float32 on CPU, bfloat16 on GPU), "float32" or "bfloat16"
+  # weight-only quantization of the linear layers while loading: "" (none), "int8" or "fp8"
+  c.quantize = ""
   # "auto" (XLA on CPU, the measured winner on GPU), "xla", "pallas", "triton" or "cudnn"
   c.attention_impl = "auto"
   c.mesh_shape = ""  # device mesh "data,model", e.g. "1,8"; empty: one device

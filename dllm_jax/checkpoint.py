@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dllm_jax import quantize as quant_lib
 from dllm_jax.atomic_files import atomic_dir
 from dllm_jax.config import ModelConfig
 from dllm_jax.errors import CheckpointError
@@ -255,6 +256,21 @@ def _convert_fn(sharding, dtype, transpose: bool):
   return jax.jit(lambda x: (x.T if transpose else x).astype(dtype), out_shardings=sharding)
 
 
+@functools.lru_cache(maxsize=None)
+def _quantize_fn(shardings, mode: str, transpose: bool):
+  """x -> (values, scales) of the kernel x.T (or x), each written onto its own sharding."""
+  return jax.jit(lambda x: quant_lib.quantize_kernel(x, mode, transposed=transpose),
+                 out_shardings=shardings)
+
+
+def _scale_of(state, path: tuple) -> nnx.Variable | None:
+  """The `kernel_scale` beside the kernel at `path` when that kernel is quantized."""
+  if path[-1] != "kernel":
+    return None
+  parent = _get_path(state, path[:-1])
+  return parent[quant_lib.SCALE_NAME] if quant_lib.SCALE_NAME in parent else None
+
+
 @jax.jit
 def _all_finite(x: jax.Array) -> jax.Array:
   return jnp.isfinite(x).all()
@@ -302,7 +318,13 @@ def _fill_state(state, entries: Mapping[str, tuple[KeyRule, int | None]],
     host_dtype = host.dtype
     x = jax.device_put(host, src_sharding)
     del host
-    var.value = _convert_fn(sharding, dtype, rule.transpose)(x)
+    scale = _scale_of(state, path)
+    if scale is None:
+      var.value = _convert_fn(sharding, dtype, rule.transpose)(x)
+    else:  # quantized here, so only this one tensor is ever held unquantized
+      scale_path = (*path[:-1], quant_lib.SCALE_NAME)
+      var.value, scale.value = _quantize_fn((sharding, shard_of(scale_path)),
+                                            quant_lib.mode_of(dtype), rule.transpose)(x)
     del x
     # float16's range (±65504) is far narrower than bfloat16's and float32's: a finite weight can
     # become Inf in the cast, which only the result shows.
@@ -323,15 +345,16 @@ def _zero_unfilled(state, shard_of) -> None:
 
 def model_from_tensors(cfg: ModelConfig, get_tensor: Callable[[str], np.ndarray], keys: Iterable[str],
                        *, dtype=jnp.float32, param_dtype=None, lora: LoRAConfig | None = None,
-                       mesh=None, source: str = "checkpoint",
-                       allow_nonfinite: bool = False) -> NLDModel:
+                       mesh=None, source: str = "checkpoint", allow_nonfinite: bool = False,
+                       quantize: str | None = None) -> NLDModel:
   """Builds an NLDModel from HF-named tensors fetched one at a time by `get_tensor(key)`.
 
   With `lora`, `keys` may also hold the adapter's PEFT keys (docs/model.md §2.3, all layers);
   without them the adapter is zero (identity). At most one checkpoint tensor is held besides the
   result.
   source: what errors name as the tensors' origin (e.g. a GGUF file). allow_nonfinite: load
-  tensors holding NaN or Inf instead of refusing them.
+  tensors holding NaN or Inf instead of refusing them. quantize: None, "int8" or "fp8"
+  (dllm_jax.quantize), applied to each linear kernel as it arrives.
   """
   keys = list(keys)
   naming = detect_naming(keys)
@@ -342,7 +365,7 @@ def model_from_tensors(cfg: ModelConfig, get_tensor: Callable[[str], np.ndarray]
     if set(keys) & set(lora_expected):
       expected = {**expected, **lora_expected}
   _check_key_sets(keys, expected, source)
-  model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora)
+  model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora, quantize=quantize)
   graphdef, state = nnx.split(model)
   shard_of = _sharding_lookup(cfg, state, mesh)
   _fill_state(state, expected, lambda k: np.asarray(get_tensor(k)), lambda k: source, shard_of,
@@ -458,7 +481,7 @@ def _want_lora(lora: bool | str, available: bool, where: Path) -> bool:
 
 def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None,
                     lora: bool | str = True, progress: bool = False,
-                    allow_nonfinite: bool = False) -> Pretrained:
+                    allow_nonfinite: bool = False, quantize: str | None = None) -> Pretrained:
   """Loads an HF directory or a converted (orbax) directory into a ready NLDModel.
 
   dtype / param_dtype: compute and parameter dtypes (param_dtype defaults to dtype); the LoRA
@@ -467,14 +490,18 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
   progress: a bar per tensor on a terminal.
   allow_nonfinite: load tensors that hold NaN or Inf (by default each tensor is checked as it
     arrives and the first such one is refused, naming it and its file).
+  quantize: None, "int8" or "fp8": every linear kernel is quantized as it arrives
+    (dllm_jax.quantize); a converted directory stored quantized loads as stored with None and
+    refuses any other mode.
   Every header is validated against config.json before any tensor data is read.
   """
+  quant_lib.check_mode(quantize)
   path = Path(path)
   if not path.is_dir():
     raise CheckpointError(f"{path}: not a directory")
   if (path / CONVERTED_MARKER).is_file():
     return _load_converted(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, lora=lora,
-                           allow_nonfinite=allow_nonfinite)
+                           allow_nonfinite=allow_nonfinite, quantize=quantize)
   cfg, _ = read_config(path)
   infos = index_checkpoint(path)
   naming = detect_naming(infos)
@@ -486,7 +513,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
   lora_cfg = None
   if _want_lora(lora, adapter_dir.is_dir(), path):
     lora_cfg = read_adapter_config(adapter_dir)
-  model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora_cfg)
+  model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora_cfg,
+                         quantize=quantize)
   graphdef, state = nnx.split(model)
   _check_headers(infos, expected, state)
   lora_infos, lora_expected = ({}, {})
@@ -579,7 +607,8 @@ def save_converted(pre: Pretrained, out_dir: str | os.PathLike) -> Path:
                                   f"{_storage_reason(e)})") from None
     (tmp / "config.json").write_text(json.dumps(_config_json(pre.config, pre.path), indent=2))
     _copy_side_files(pre.tokenizer_dir, tmp)
-    marker = {"format": 1, "lora": dataclasses.asdict(pre.lora) if pre.lora else None}
+    marker = {"format": 1, "lora": dataclasses.asdict(pre.lora) if pre.lora else None,
+              "quantize": pre.model.quantize}
     (tmp / CONVERTED_MARKER).write_text(json.dumps(marker, indent=2))
   return out_dir
 
@@ -642,11 +671,19 @@ def _check_stored(ckptr, item_dir: Path, target: Mapping[str, tuple[list[str], A
                             f"implies {tuple(want.shape)}")
 
 
-def _load_converted(path: Path, *, dtype, param_dtype, mesh, lora, allow_nonfinite) -> Pretrained:
+def _quantized_kernels(state) -> dict[str, tuple[tuple, tuple]]:
+  """{"encoder.layers.0.mlp.up_proj.kernel": (kernel path, scale path)} of the quantized kernels."""
+  return {".".join(map(str, path)): (path, (*path[:-1], quant_lib.SCALE_NAME))
+          for path, _ in nnx.to_flat_state(state) if _scale_of(state, path) is not None}
+
+
+def _load_converted(path: Path, *, dtype, param_dtype, mesh, lora, allow_nonfinite,
+                    quantize) -> Pretrained:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   try:
     marker = json.loads((path / CONVERTED_MARKER).read_text())
     stored_lora = LoRAConfig(**marker["lora"]) if marker.get("lora") else None
+    stored_quantize = quant_lib.check_mode(marker.get("quantize"))
   except OSError as e:
     raise CheckpointError(f"{path / CONVERTED_MARKER}: cannot read ({e.strerror or e})") from None
   except (ValueError, KeyError, TypeError) as e:
@@ -655,12 +692,24 @@ def _load_converted(path: Path, *, dtype, param_dtype, mesh, lora, allow_nonfini
   _check_layer_count(_stored_params(path / "params"), cfg.num_layers, str(path / "params"),
                      "config.json has num_hidden_layers")
   lora_cfg = stored_lora if _want_lora(lora, stored_lora is not None, path) else None
-  model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora_cfg)
+  if quantize is None:  # nothing to go back to: quantized weights load as stored
+    quantize = stored_quantize
+  elif stored_quantize not in (None, quantize):
+    raise CheckpointError(f"{path}: stores {stored_quantize} weights but quantize={quantize!r} "
+                          f"was asked (load it with {stored_quantize!r} or None)")
+  model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora_cfg,
+                         quantize=quantize)
   graphdef, lora_state, base_state = _split_params(model)
   _, full_state = nnx.split(model)
   shard_of = _sharding_lookup(cfg, full_state, mesh)
+  # Unquantized kernels stored, quantized ones wanted: each is quantized as it is restored.
+  to_quantize = _quantized_kernels(full_state) if stored_quantize != quantize else {}
+  stored_model = model if not to_quantize else abstract_model(
+      cfg, dtype=dtype, param_dtype=param_dtype, lora=lora_cfg, quantize=stored_quantize)
+  _, stored_lora_state, stored_base_state = _split_params(stored_model)
   items = [("params", base_state)] + ([("lora", lora_state)] if lora_cfg is not None else [])
-  targets = [_flat_leaves(_abstract_target(state.to_pure_dict(), shard_of)) for _, state in items]
+  stored = [stored_base_state] + ([stored_lora_state] if lora_cfg is not None else [])
+  targets = [_flat_leaves(_abstract_target(state.to_pure_dict(), shard_of)) for state in stored]
   with _orbax_checkpointer() as ckptr:
     for (item, _), target in zip(items, targets):  # all checks before any restore
       _check_stored(ckptr, path / item, target)
@@ -679,6 +728,12 @@ def _load_converted(path: Path, *, dtype, param_dtype, mesh, lora, allow_nonfini
           raise CheckpointError(f"{path / item}: param {name!r} holds NaN or Inf values as "
                                 f"{jnp.dtype(leaf.dtype).name}; refused unless allow_nonfinite "
                                 "is set")
+        if name in to_quantize:
+          kernel_path, scale_path = to_quantize[name]
+          values, scale = _quantize_fn((shard_of(kernel_path), shard_of(scale_path)), quantize,
+                                       False)(jax.tree.leaves(value)[0])
+          value = _nest(keys, values)
+          _deep_update(restored, _nest([*keys[:-1], quant_lib.SCALE_NAME], scale))
         _deep_update(restored, value)
       nnx.replace_by_pure_dict(state, restored)
   return Pretrained(cfg, nnx.merge(graphdef, lora_state, base_state), _tokenizer_dir(path),
@@ -726,6 +781,9 @@ def export_hf(model: NLDModel, out_dir: str | os.PathLike, *, naming: str = "nld
   """
   if naming not in NAMING:
     raise ValueError(f"naming={naming!r}: expected one of {', '.join(NAMING)}")
+  if model.quantize:
+    raise ValueError(f"the model holds {model.quantize}-quantized kernels; export the "
+                     "unquantized model (load it with quantize=None)")
   cfg = model.cfg
   source = Path(source_dir) if source_dir is not None else None
   _, state = nnx.split(model)

@@ -226,12 +226,12 @@ def load_gguf(path: str) -> GGUFCheckpoint:
 
 def model_from_gguf(ckpt: GGUFCheckpoint, *, cfg: ModelConfig | None = None, dtype=jnp.float32,
                     param_dtype=None, mesh=None, progress: bool = False,
-                    allow_nonfinite: bool = False) -> NLDModel:
+                    allow_nonfinite: bool = False, quantize: str | None = None) -> NLDModel:
   """An NLDModel with the GGUF weights; `cfg` may replace token-id fields of `ckpt.config`.
   param_dtype defaults to dtype.
 
   Each dequantized tensor is checked for NaN/Inf and refused (naming it and the file) unless
-  `allow_nonfinite`.
+  `allow_nonfinite`. quantize: None, "int8" or "fp8" (dllm_jax.quantize), per tensor as it is read.
   """
   cfg = ckpt.config if cfg is None else cfg
   keys = ckpt.keys()
@@ -245,4 +245,5 @@ def model_from_gguf(ckpt: GGUFCheckpoint, *, cfg: ModelConfig | None = None, dty
       return x
 
     return model_from_tensors(cfg, get, keys, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                              source=ckpt.path, allow_nonfinite=allow_nonfinite)
+                              source=ckpt.path, allow_nonfinite=allow_nonfinite,
+                              quantize=quantize)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dllm_jax import gguf as gguf_lib
+from dllm_jax import quantize as quant_lib
 from dllm_jax.checkpoint import CONVERTED_MARKER, CheckpointError, load_pretrained, read_config
 from dllm_jax.config import ATTENTION_IMPLS, ModelConfig
 from dllm_jax.model import LoRAConfig, NLDModel
@@ -91,7 +92,8 @@ def inspect(source: str | os.PathLike) -> Description:
 
 def load(source: str | os.PathLike | Description, *, dtype="auto", param_dtype=None, mesh=None,
          lora: bool | str = True, attention_impl: str | None = None,
-         allow_nonfinite: bool = False, progress: bool = False) -> Loaded:
+         allow_nonfinite: bool = False, progress: bool = False,
+         quantize: str | None = None) -> Loaded:
   """Reads a checkpoint (a source as in the module docstring, or what `inspect` returned).
 
   dtype: compute dtype, "auto" (see `resolve_dtype`) or a dtype; param_dtype: parameter dtype
@@ -103,6 +105,9 @@ def load(source: str | os.PathLike | Description, *, dtype="auto", param_dtype=N
   allow_nonfinite: load tensors holding NaN or Inf instead of refusing them (a CheckpointError
     naming the tensor).
   progress: a progress bar per tensor on stderr.
+  quantize: None, "int8" or "fp8": every linear kernel (not the embedding) is quantized with
+    per-output-channel scales as it is read (docs/quantization.md). A converted directory stored
+    quantized loads as stored with None and refuses another mode.
   """
   desc = source if isinstance(source, Description) else inspect(source)
   if attention_impl is not None and attention_impl not in ATTENTION_IMPLS:
@@ -110,6 +115,7 @@ def load(source: str | os.PathLike | Description, *, dtype="auto", param_dtype=N
                      f"{', '.join(ATTENTION_IMPLS)}")
   if lora not in (True, False, "required"):
     raise ValueError(f"lora={lora!r}: expected True, False or 'required'")
+  quant_lib.check_mode(quantize)
   cfg = desc.config if attention_impl is None else desc.config.replace(
       attention_impl=attention_impl)
   dtype = resolve_dtype(dtype)
@@ -119,11 +125,12 @@ def load(source: str | os.PathLike | Description, *, dtype="auto", param_dtype=N
       raise CheckpointError(f"{desc.path}: a GGUF file has no draft adapter but lora='required'")
     model = gguf_lib.model_from_gguf(desc.gguf, cfg=cfg, dtype=dtype, param_dtype=param_dtype,
                                      mesh=mesh, progress=progress,
-                                     allow_nonfinite=allow_nonfinite)
+                                     allow_nonfinite=allow_nonfinite, quantize=quantize)
     draft_lora = None
   else:
     pre = load_pretrained(desc.path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, lora=lora,
-                          allow_nonfinite=allow_nonfinite, progress=progress)
+                          allow_nonfinite=allow_nonfinite, progress=progress,
+                          quantize=quantize)
     model, draft_lora = pre.model, pre.lora
     model.cfg = cfg  # the same architecture; only attention_impl may differ
   return Loaded(model, desc.tokenizer, model.cfg, desc.path, desc.kind, draft_lora)

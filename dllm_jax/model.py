@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from dllm_jax import attention as attn_lib
+from dllm_jax import quantize as quant_lib
 from dllm_jax.config import ModelConfig
 from dllm_jax.kv_cache import KVCache, write_layer
 
@@ -148,6 +149,9 @@ def _normal(rngs, shape, dtype):
 class Linear(nnx.Module):
   """y = x @ kernel, kernel [in, out]; no bias anywhere in NLD.
 
+  With `quantize` ("int8" or "fp8"), `kernel` holds the quantized values and `kernel_scale` [out]
+  their float32 per-output-channel scales (dllm_jax.quantize); the adapter stays float32.
+
   With `lora`, the module also holds a low-rank adapter (docs/model.md §2.3): fp32 `lora_a` [in, r]
   and `lora_b` [r, out], both nnx.LoRAParam. As PEFT initialises a fresh adapter, `lora_a` is
   kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)), and `lora_b` is zero, so an
@@ -159,6 +163,7 @@ class Linear(nnx.Module):
                lora: LoRAConfig | None = None):
     self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), param_dtype), axes=axes)
     self.dtype = dtype
+    self.quantize = None
     self.lora_scale = lora.scale if lora else None
     if lora:
       bound = 1.0 / math.sqrt(d_in)
@@ -168,11 +173,23 @@ class Linear(nnx.Module):
       self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, d_out), jnp.float32),
                                   axes=("lora_rank", axes[1]))
 
+  def quantize_kernel(self, mode: str) -> None:
+    """Replaces the kernel by its `mode` ("int8" or "fp8") values and adds their scales."""
+    axes = self.kernel.get_metadata()["axes"]
+    values, scale = quant_lib.quantize_kernel(self.kernel[...], mode)
+    self.kernel = nnx.Param(values, axes=axes)
+    # Named after the output axis, so the scale shards with the kernel's output dimension.
+    self.kernel_scale = nnx.Param(scale, axes=(axes[1],))
+    self.quantize = mode
+
   def __call__(self, x, lora: bool = False):
     """lora: add scale * (x @ a) @ b in fp32; a Linear without an adapter ignores it (the model's
     flag switches on every adapted projection at once)."""
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                   preferred_element_type=jnp.float32).astype(self.dtype)
+    if self.quantize:
+      y = quant_lib.quantized_matmul(x, self.kernel[...], self.kernel_scale[...], self.dtype)
+    else:
+      y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                     preferred_element_type=jnp.float32).astype(self.dtype)
     if lora and self.lora_scale is not None:
       delta = (x.astype(jnp.float32) @ self.lora_a[...]) @ self.lora_b[...]
       y = (y.astype(jnp.float32) + self.lora_scale * delta).astype(self.dtype)
@@ -333,13 +350,23 @@ class NLDModel(nnx.Module):
   """Embedding, decoder layers, final norm and the (untied) `diffusion_head`."""
 
   def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=None,
-               lora: LoRAConfig | None = None, rngs: nnx.Rngs):
+               lora: LoRAConfig | None = None, quantize: str | None = None, rngs: nnx.Rngs):
+    """quantize: None, or "int8" / "fp8" for every Linear's kernel (dllm_jax.quantize)."""
     param_dtype = dtype if param_dtype is None else param_dtype
     self.cfg, self.dtype, self.lora = cfg, dtype, lora
+    self.quantize = quant_lib.check_mode(quantize)
     self.encoder = Encoder(cfg, lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if not cfg.tie_word_embeddings:
       self.diffusion_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"),
                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if quantize:
+      self._quantize_linears(quantize)
+
+  def _quantize_linears(self, mode: str) -> None:
+    for _, module in self.iter_modules():
+      if isinstance(module, Linear):
+        module.quantize_kernel(mode)
+    self.quantize = mode
 
   def __call__(self, tokens: jax.Array, *, pattern: str = "causal", cache: KVCache | None = None,
                append: bool = False, n_new: jax.Array | None = None,
@@ -423,6 +450,16 @@ def _run_layer(layer_def, attend, lora, layer_state, h, rope, kbuf, vbuf):
   return nnx.merge(layer_def, layer_state)(h, rope, attend, kbuf, vbuf, lora)
 
 
+def quantized(model: NLDModel, mode: str) -> NLDModel:
+  """A copy of an unquantized `model` with every Linear kernel quantized to `mode` ("int8" or
+  "fp8"); the other arrays are shared, not copied."""
+  if model.quantize:
+    raise ValueError(f"the model is already {model.quantize}-quantized")
+  out = nnx.clone(model)
+  out._quantize_linears(quant_lib.check_mode(mode))  # pylint: disable=protected-access
+  return out
+
+
 def lora_linears(model: NLDModel) -> list[tuple[str, int, Linear]]:
   """(target name, layer index, the Linear carrying that adapter), targets in canonical order,
   each over all layers; empty without a LoRA."""
@@ -433,17 +470,17 @@ def lora_linears(model: NLDModel) -> list[tuple[str, int, Linear]]:
 
 
 def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=None,
-                   lora: LoRAConfig | None = None) -> NLDModel:
+                   lora: LoRAConfig | None = None, quantize: str | None = None) -> NLDModel:
   """The model with ShapeDtypeStruct leaves: shapes/dtypes/axes without allocating anything."""
   return nnx.eval_shape(lambda: NLDModel(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora,
-                                         rngs=nnx.Rngs(0)))
+                                         quantize=quantize, rngs=nnx.Rngs(0)))
 
 
 def with_attention_impl(model: NLDModel, impl: str) -> NLDModel:
   """The same parameter arrays (shared, not copied) in a model whose attention runs with `impl`
   (see dllm_jax.config.ATTENTION_IMPLS)."""
   graphdef, _ = nnx.split(abstract_model(model.cfg.replace(attention_impl=impl), dtype=model.dtype,
-                                         lora=model.lora))
+                                         lora=model.lora, quantize=model.quantize))
   return nnx.merge(graphdef, nnx.state(model))
 
 

@@ -9,7 +9,9 @@ with the warm-up (compiling) call excluded and medians over repeats. Output toke
 are never counted. The same case then runs on the PyTorch baseline holding the same weights
 (transformers `generate` for AR, the straightforward loops of scripts/torch_reference_decode.py for
 diffusion and spec; quadratic self-speculation has no PyTorch baseline) and the ratio is reported,
-with the fraction of positions where both produced the same greedy tokens.
+with the fraction of positions where both produced the same greedy tokens. `quantize` (e.g.
+("int8", "fp8")) adds, per case, the same model with its linear kernels quantized
+(docs/quantization.md), JAX only, its "same tokens" taken against the unquantized JAX engine.
 
 Engine overhead: each kind of forward is also timed alone (jitted, same shapes, same cache size);
 overhead = 1 - (sum over forwards of their isolated times) / decode time.
@@ -49,7 +51,7 @@ from dllm_jax.checkpoint import model_from_state_dict
 from dllm_jax.config import ModelConfig, preset
 from dllm_jax.decode import DecodeSettings, generate, settings_for
 from dllm_jax.decode.common import bucket_length
-from dllm_jax.model import LoRAConfig, NLDModel, param_count
+from dllm_jax.model import LoRAConfig, NLDModel, param_count, quantized
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_utils as bu  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -247,10 +249,11 @@ def run_torch_case(models: Models, mode: str, batch: int, threshold: float | Non
   return row
 
 
-def token_agreement(jax_tokens: list[list[int]], torch_tokens: np.ndarray) -> float:
-  """Fraction of positions (over each row's common length) where both chose the same token."""
+def token_agreement(jax_tokens: list[list[int]], other_tokens) -> float:
+  """Fraction of positions (over each row's common length) where both chose the same token;
+  `other_tokens`: an array [batch, n] or a list of rows."""
   same = total = 0
-  for a, b in zip(jax_tokens, torch_tokens.tolist()):
+  for a, b in zip(jax_tokens, [list(r) for r in other_tokens]):
     n = min(len(a), len(b))
     same += sum(x == y for x, y in zip(a[:n], b[:n]))
     total += n
@@ -272,6 +275,11 @@ def comparison_section(config: ml_collections.ConfigDict) -> list[dict[str, Any]
     models = load_models(name, spec, config, dtype, torch_dtype, torch_device,
                          need_lora="spec" in modes)
     print(f"[bench] {name}: {param_count(models.cfg) / 1e6:.1f}M parameters", flush=True)
+    # The same weights quantized (weight-only, docs/quantization.md): JAX only, their tokens
+    # compared with the unquantized engine's.
+    variants = [dataclasses.replace(models, name=f"{name} {q}", torch_model=None, torch_lora=None,
+                                    jax_model=quantized(models.jax_model, q))
+                for q in config.get("quantize", ())]
     for mode in modes:
       if mode != "ar" and models.cfg.mask_token_id is None:
         print(f"[bench] {name}: skipping {mode} (an AR model without a mask token)", flush=True)
@@ -282,13 +290,19 @@ def comparison_section(config: ml_collections.ConfigDict) -> list[dict[str, Any]
         for threshold in thresholds:
           prompts = rng.integers(0, models.cfg.vocab_size, (batch, config.prompt_length))
           rows.append(run_case(models, mode, batch, threshold, prompts, config))
-    del models
+          reference = rows[-1].pop("_tokens")
+          for variant in variants:
+            rows.append(run_case(variant, mode, batch, threshold, prompts, config, reference))
+            rows[-1].pop("_tokens")
+    del models, variants
     gc.collect()
   return rows
 
 
 def run_case(models: Models, mode: str, batch: int, threshold: float | None,
-             prompts: np.ndarray, config: ml_collections.ConfigDict) -> dict[str, Any]:
+             prompts: np.ndarray, config: ml_collections.ConfigDict,
+             reference: list[list[int]] | None = None) -> dict[str, Any]:
+  """One case; `reference`: tokens of the unquantized model for a quantized one's agreement."""
   sub = config[mode]
   print(f"[bench] {models.name} {mode} batch={batch} threshold={threshold} ...", flush=True)
   row = dict(model=models.name, params_m=param_count(models.cfg) / 1e6, mode=mode, batch=batch,
@@ -298,8 +312,13 @@ def run_case(models: Models, mode: str, batch: int, threshold: float | None,
   llama = LlamaCppCase(models, mode, batch, prompts, config)
   row.update(run_jax_case(models, mode, batch, threshold, prompts, config,
                           between=llama.run_once if llama.runners else None))
-  jax_tokens, counts = row.pop("_tokens"), row.pop("_counts")
+  row["quantize"] = models.jax_model.quantize
+  row["param_mb"] = sum(x.nbytes for x in jax.tree.leaves(nnx.state(models.jax_model,
+                                                                     nnx.Param))) / 2**20
+  jax_tokens, counts = row["_tokens"], row.pop("_counts")
   row.update(llama.result(row, jax_tokens))
+  if reference is not None:
+    row["token_agreement"] = token_agreement(jax_tokens, reference)
   if (models.torch_model is not None and mode != "quadratic"
       and not (mode == "spec" and batch > 1)):
     context = int(prompts.shape[1]) + sub.max_new_tokens // 2
@@ -455,7 +474,7 @@ _COMMON_RIGHT = [("nfe", "NFE"), ("tokens_per_forward", "tok/fwd"),
                  ("tokens_per_s", "out tok/s"), ("compile_seconds", "compile s"),
                  ("peak_mem_mib", "peak MiB"), ("torch_tokens_per_s", "torch tok/s"),
                  ("speedup_vs_torch", "speedup"), ("torch_overhead_frac", "torch overhead"),
-                 ("token_agreement", "same tokens")]
+                 ("token_agreement", "same tokens"), ("param_mb", "param MiB")]
 TABLE_COLUMNS = {
     "ar": _COMMON_LEFT + [("ms_ar", "ms/step")] + _COMMON_RIGHT + [
         ("llama_cpp_F32_tok_s", "llama.cpp F32 fwd/s"), ("vs_llama_cpp_F32", "vs llama.cpp F32"),

@@ -48,6 +48,7 @@ DEFAULT_CONFIG = os.path.join(CONFIGS, "default.py")
 KNOBS_FILE = os.path.join(CONFIGS, "common.py")  # every knob, with its description as a comment
 # dllm_jax.loader.DTYPE_NAMES and dllm_jax.config.ATTENTION_IMPLS, checked before the heavy imports.
 DTYPES = ("auto", "float32", "bfloat16")
+QUANTIZE_MODES = ("", "int8", "fp8")  # "": unquantized (dllm_jax.quantize.MODES besides)
 ATTENTION_IMPLS = ("xla", "pallas", "triton", "cudnn", "auto")
 HELP_FLAGS = ("--help", "-h")
 # What a line of a .jsonl prompts file may set, and the JSON types it takes (None: null).
@@ -241,6 +242,9 @@ def check_knobs(c: config_dict.ConfigDict) -> None:
   decode_settings(c, FLAGS)
   if c.dtype not in DTYPES:
     raise UsageError(f"--config.dtype={c.dtype!r}: expected one of {', '.join(DTYPES)}")
+  if c.quantize not in QUANTIZE_MODES:
+    raise UsageError(f"--config.quantize={c.quantize!r}: expected one of "
+                     f"{', '.join(repr(m) for m in QUANTIZE_MODES)}")
   if c.attention_impl not in ATTENTION_IMPLS:
     raise UsageError(f"--config.attention_impl={c.attention_impl!r}: expected one of "
                      f"{', '.join(ATTENTION_IMPLS)}")
@@ -442,7 +446,7 @@ def load_weights(c: config_dict.ConfigDict, desc: Description, modes: set[str], 
   try:
     return loader.load(desc, dtype=c.dtype, mesh=mesh, lora=bool(c.lora) and "spec" in modes,
                        attention_impl=c.attention_impl, allow_nonfinite=c.allow_nonfinite,
-                       progress=True)
+                       progress=True, quantize=c.quantize or None)
   except (OSError, ValueError) as e:
     raise UsageError(_first_line(e)) from None
 

@@ -1,6 +1,6 @@
 r"""One run that checks and measures the library on a GPU: kernels, parity, rooflines, generate.
 
-  PYTHONPATH=. python scripts/gpu_check.py --out=DIR      # CUDA GPU: budgeted under 9 minutes
+  PYTHONPATH=. python scripts/gpu_check.py --out=DIR      # CUDA GPU: budgeted under 10 minutes
   PYTHONPATH=. XLA_FLAGS=--xla_backend_optimization_level=0 \
       python scripts/gpu_check.py --out=DIR --cpu_smoke  # the same code paths on tiny shapes
 
@@ -36,6 +36,13 @@ Sections (each records its own failure and the run goes on; the exit status is 1
                 nothing meaningful), and the compilations seen when the same mode runs again on
                 other prompts of the same bucket (0 in steady state). --cpu_smoke: `tiny`, batch 2,
                 16 new tokens, block 8.
+  quantized     weight-only int8 and fp8 (docs/quantization.md) against bf16 on the NLD-8B shape:
+                the roofline section's model with its linear kernels quantized on the device, AR
+                step and 32-token denoising step at batch 1 and 8 against a 1024-token cache;
+                median ms, the ratio to bf16, and the int8 roofline (the int8 model's weight bytes
+                + the bf16 KV bytes) / the copy bandwidth. Fails when the int8 batch-1 AR step
+                is slower than 0.6x bf16 (the target). --cpu_smoke: `tiny`, batch 2, context 64,
+                no target.
 
 Writes DIR/gpu_check.json (environment, command line, every section's rows, status and error)
 after each section and DIR/gpu_check.md (the tables, also printed) at the end. Each section has a
@@ -72,13 +79,14 @@ from dllm_jax.atomic_files import write_text_atomic
 from dllm_jax.config import ModelConfig, preset
 from dllm_jax.decode import generate, settings_for
 from dllm_jax.kv_cache import KVCache
-from dllm_jax.model import LoRAConfig, NLDModel, abstract_model, forward, with_attention_impl
+from dllm_jax.model import (LoRAConfig, NLDModel, abstract_model, forward, quantized,
+                            with_attention_impl)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_utils as bu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SECTIONS = ("kernel_tests", "parity", "roofline", "quadratic", "generate")
+SECTIONS = ("kernel_tests", "parity", "roofline", "quadratic", "generate", "quantized")
 KERNEL_TEST_FILES = ("tests/test_kernels_mgpu.py", "tests/test_kernels_triton.py",
                      "tests/test_kernels_gpu_model.py")
 KERNEL_IMPLS = ("auto", "pallas", "triton", "cudnn")  # compared with XLA in the parity section
@@ -89,6 +97,9 @@ ROOFLINE_FORWARDS = ("ar", "denoise", "commit")  # bench_utils.FORWARD_KINDS
 # Used only to derive tokens/s from the measured forwards/s.
 NVIDIA_TOKENS_PER_FORWARD = {"ar": 1.0, "diffusion": 2.6, "spec": 6.4}
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+QUANTIZED_WEIGHTS = ("bf16", "int8", "fp8")  # the quantized section's models, the baseline first
+QUANTIZED_FORWARDS = ("ar", "denoise")
+INT8_TARGET = 0.6  # int8 batch-1 AR step / bf16 on the GPU plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +125,8 @@ class Plan:
   prompt_lengths: tuple[int, int]  # [lo, hi] per row, within one bucket
   draft_lora: LoRAConfig
   quadratic_blocks: tuple[int, ...]
+  quantized_preset: str
+  int8_target: float | None  # int8 batch-1 AR time / bf16 must not exceed it (None: not checked)
 
 
 # NLD-8B attention geometry on a small body, so that kernels see the real head layout.
@@ -121,21 +134,22 @@ _PARITY_SHAPE = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2048, 
                      num_heads=32, num_kv_heads=8, head_dim=128)
 
 GPU_PLAN = Plan(
-    name="gpu", budgets_s=dict(kernel_tests=120, parity=60, roofline=110, quadratic=70,
-                               generate=170),
-    total_s=540, parity_cfg=preset("nld-8b").replace(**_PARITY_SHAPE), parity_prompt=96,
+    name="gpu", budgets_s=dict(kernel_tests=110, parity=50, roofline=100, quadratic=60,
+                               generate=150, quantized=80),
+    total_s=560, parity_cfg=preset("nld-8b").replace(**_PARITY_SHAPE), parity_prompt=96,
     parity_cache=256, parity_block=32, roofline_presets=("nld-8b", "nld-3b"), context=1024,
     roofline_block=32, batches=(1, 8), copy_bytes=2 * 2**30, warmup=2, repeats=10,
     generate_preset="nld-8b", max_new_tokens=128, generate_block=32, prompt_lengths=(70, 120),
-    draft_lora=LoRAConfig(rank=128, alpha=512.0), quadratic_blocks=(8, 16, 32))
+    draft_lora=LoRAConfig(rank=128, alpha=512.0), quadratic_blocks=(8, 16, 32),
+    quantized_preset="nld-8b", int8_target=INT8_TARGET)
 CPU_PLAN = Plan(
     name="cpu_smoke", budgets_s=dict(kernel_tests=120, parity=120, roofline=120, quadratic=90,
-                                     generate=180),
-    total_s=690, parity_cfg=preset("tiny"), parity_prompt=24, parity_cache=64, parity_block=8,
+                                     generate=180, quantized=120),
+    total_s=810, parity_cfg=preset("tiny"), parity_prompt=24, parity_cache=64, parity_block=8,
     roofline_presets=("tiny",), context=64, roofline_block=32, batches=(2,),
     copy_bytes=16 * 2**20, warmup=1, repeats=2, generate_preset="tiny", max_new_tokens=16,
     generate_block=8, prompt_lengths=(9, 16), draft_lora=LoRAConfig(rank=8, alpha=32.0),
-    quadratic_blocks=(4, 8))
+    quadratic_blocks=(4, 8), quantized_preset="tiny", int8_target=None)
 
 
 class BudgetSpent(Exception):
@@ -443,11 +457,63 @@ def _rounds(mode: str, result, block_length: int) -> int:
   return max(len(a) for a in result.accepted_lengths)
 
 
+# --- section 5: weight-only quantized forwards ----------------------------------------------------
+
+def forward_weight_bytes(model: NLDModel, shape: bu.ForwardShape) -> int:
+  """Bytes of the parameters one forward reads: all but the LoRA factors (off here) and the
+  embedding table, of which only batch*tokens rows are gathered (bench_utils.bytes_per_forward's
+  rule, counted from the model's own arrays, so quantized kernels count one byte)."""
+  state = nnx.state(model, nnx.Not(nnx.LoRAParam))
+  total = sum(x.nbytes for x in jax.tree.leaves(state))
+  table = model.encoder.embed_tokens.embedding[...]
+  if model.cfg.tie_word_embeddings:
+    return total
+  return total - table.nbytes + shape.batch * shape.tokens * table.shape[1] * table.dtype.itemsize
+
+
+def quantized_section(plan: Plan, budget: Budget, record: dict[str, Any]) -> None:
+  cfg = preset(plan.quantized_preset)
+  base = random_model(cfg, plan.draft_lora)
+  models = {w: base if w == "bf16" else quantized(base, w) for w in QUANTIZED_WEIGHTS}
+  jax.block_until_ready(nnx.state(models["fp8"]))
+  bandwidth = bu.copy_bandwidth(plan.copy_bytes, repeats=plan.repeats, dtype=jnp.bfloat16)
+  record.update(model=plan.quantized_preset, copy_bandwidth_gb_s=bandwidth / 1e9, rows=[],
+                param_bytes={w: sum(x.nbytes for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+                             for w, m in models.items()}, int8_target=plan.int8_target)
+  cases = [(b, kind, w) for b in plan.batches for kind in QUANTIZED_FORWARDS
+           for w in QUANTIZED_WEIGHTS]
+  bf16_seconds = {}
+  for i, (batch, kind, weights) in enumerate(cases):
+    budget.check(i, len(cases))
+    tokens = 1 if kind == "ar" else plan.roofline_block
+    shape = bu.ForwardShape(batch, tokens, plan.context, plan.context + plan.roofline_block)
+    seconds = bu.median(bu.time_forward(models[weights], kind, shape, warmup=plan.warmup,
+                                        repeats=plan.repeats))
+    bf16_seconds.setdefault((batch, kind), seconds)
+    kv = bu.bytes_per_forward(cfg, shape, jnp.bfloat16)["kv_bytes"]
+    int8_roof = (forward_weight_bytes(models["int8"], shape) + kv) / bandwidth
+    record["rows"].append(dict(
+        model=plan.quantized_preset, weights=weights, batch=batch, forward=kind, tokens=tokens,
+        context=plan.context, ms=1e3 * seconds, vs_bf16=seconds / bf16_seconds[(batch, kind)],
+        int8_roofline_ms=1e3 * int8_roof, vs_int8_roofline=seconds / int8_roof,
+        weight_bytes=forward_weight_bytes(models[weights], shape), kv_bytes=kv))
+    print(f"[gpu_check]   {weights} batch {batch} {kind}: {1e3 * seconds:.2f} ms, "
+          f"{record['rows'][-1]['vs_bf16']:.2f}x bf16, {seconds / int8_roof:.2f}x int8 roofline",
+          flush=True)
+  int8_ar = next(r for r in record["rows"]
+                 if (r["weights"], r["batch"], r["forward"]) == ("int8", min(plan.batches), "ar"))
+  record["int8_batch1_ar_vs_bf16"] = int8_ar["vs_bf16"]
+  if plan.int8_target is not None and int8_ar["vs_bf16"] > plan.int8_target:
+    raise RuntimeError(f"int8 batch-{int8_ar['batch']} AR step takes {int8_ar['vs_bf16']:.2f}x "
+                       f"the bf16 time (target <= {plan.int8_target})")
+
+
 # --- driver ---------------------------------------------------------------------------------------
 
 SECTION_FNS: dict[str, Callable[[Plan, Budget, dict[str, Any]], None]] = {
     "kernel_tests": kernel_tests_section, "parity": parity_section,
-    "roofline": roofline_section, "quadratic": quadratic_section, "generate": generate_section}
+    "roofline": roofline_section, "quadratic": quadratic_section, "generate": generate_section,
+    "quantized": quantized_section}
 
 
 def run_sections(plan: Plan, sections: tuple[str, ...], report: dict[str, Any],
@@ -489,6 +555,10 @@ QUADRATIC_COLUMNS = [("block_length", "B"), ("impl", "attention"),
                      ("verify_ms", "verify ms"), ("linear_round_ms", "linear round ms"),
                      ("quadratic_round_ms", "quadratic round ms"),
                      ("quadratic_vs_linear", "quadratic / linear")]
+QUANTIZED_COLUMNS = [("model", "model"), ("weights", "weights"), ("batch", "batch"),
+                     ("forward", "forward"), ("tokens", "tokens"), ("context", "context"),
+                     ("ms", "ms"), ("vs_bf16", "× bf16"), ("int8_roofline_ms", "int8 roofline ms"),
+                     ("vs_int8_roofline", "× int8 roofline")]
 GENERATE_COLUMNS = [("mode", "mode"), ("batch", "batch"), ("new_tokens", "new"),
                     ("block_length", "B"), ("rounds", "rounds"), ("decode_nfe", "NFE"),
                     ("ms_per_round", "ms/round"), ("forwards_per_s", "fwd/s"),
@@ -532,6 +602,14 @@ def render(report: dict[str, Any]) -> str:
                 "reported tokens per forward, not a measurement: random weights accept nothing "
                 "meaningful. recompiles: compilations during a second run on new prompts of the "
                 "same bucket.", "", bu.format_table(rec["rows"], GENERATE_COLUMNS)]
+    elif name == "quantized" and rec.get("rows"):
+      sizes = ", ".join(f"{w} {b / 2**30:.2f} GiB" for w, b in rec["param_bytes"].items())
+      target = ("" if rec["int8_target"] is None else
+                f"; target: int8 batch-1 AR <= {rec['int8_target']}x bf16")
+      lines += [f"model {rec['model']}, random weights quantized on the device; parameters: "
+                f"{sizes}; int8 roofline = (int8 weight bytes + bf16 KV bytes) / "
+                f"{rec['copy_bandwidth_gb_s']:.1f} GB/s{target}", "",
+                bu.format_table(rec["rows"], QUANTIZED_COLUMNS)]
   return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """Peak host memory and time of checkpoint conversion versus the checkpoint's size.
 
   python scripts/measure_conversion_memory.py --size-gb=2 --dtype=bfloat16 [--workdir=/tmp/x]
+  python scripts/measure_conversion_memory.py --size-gb=4 --quantize=int8
 
 Writes a synthetic NLD-layout HF directory of about `--size-gb` (random weights, a draft LoRA of
 rank 128, written tensor by tensor), then runs each phase in a fresh process and reads that
@@ -10,6 +11,9 @@ process's peak RSS (VmHWM):
   convert    load_pretrained + save_converted (what scripts/convert_checkpoint.py does)
   restore    load_pretrained(converted orbax dir)
 Streaming holds if load-hf and convert peak near baseline + params, i.e. not twice the checkpoint.
+With --quantize=int8 (or fp8) the load-hf and convert phases quantize every linear kernel as it
+streams in and the converted directory stores the quantized values, so the params, and with them
+the peak, should come to about half the bf16 checkpoint plus the same bounded buffers.
 Prints a markdown table for docs/checkpoints.md.
 """
 
@@ -73,7 +77,7 @@ def write_synthetic(out: Path, cfg, dtype: str, lora_rank: int = 128) -> int:
   return (out / safetensors_io.WEIGHTS_NAME).stat().st_size
 
 
-def run_phase(phase: str, hf: Path, conv: Path, dtype: str) -> dict:
+def run_phase(phase: str, hf: Path, conv: Path, dtype: str, quantize: str | None = None) -> dict:
   """Runs inside the child process: one phase, then reports time and peak RSS."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -82,7 +86,7 @@ def run_phase(phase: str, hf: Path, conv: Path, dtype: str) -> dict:
   t0 = time.perf_counter()
   pre = None
   if phase in ("load-hf", "convert"):
-    pre = load_pretrained(hf, dtype=jdtype)
+    pre = load_pretrained(hf, dtype=jdtype, quantize=quantize)
   if phase == "convert":
     save_converted(pre, conv)
   if phase == "restore":
@@ -106,25 +110,37 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--size-gb", type=float, default=2.0)
   p.add_argument("--dtype", choices=sorted(NP_DTYPES), default="bfloat16")
-  p.add_argument("--workdir", default=None, help="where to write (default: a temp dir, removed)")
+  p.add_argument("--workdir", default=None,
+                 help="where to write (default: a temp dir, removed); kept, and its synthetic "
+                      "checkpoint reused by later runs with the same --workdir")
+  p.add_argument("--quantize", choices=("int8", "fp8"), default=None,
+                 help="quantize the linear kernels while loading (and store them quantized)")
   p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # child-process mode
   args = p.parse_args()
   if args.phase:
     print(json.dumps(run_phase(args.phase, Path(args.workdir) / "hf", Path(args.workdir) / "conv",
-                               args.dtype)))
+                               args.dtype, args.quantize)))
     return
   work = Path(args.workdir or tempfile.mkdtemp(prefix="dllm-ckpt-mem-"))
   try:
     cfg = synthetic_config(args.size_gb, args.dtype)
     t0 = time.perf_counter()
-    size = write_synthetic(work / "hf", cfg, args.dtype)
+    if (work / "hf").is_dir():  # a --workdir kept from an earlier run with the same sizes
+      size = (work / "hf" / "model.safetensors").stat().st_size
+      cfg = cfg.replace(num_layers=json.loads((work / "hf" / "config.json").read_text())[
+          "num_hidden_layers"])
+    else:
+      size = write_synthetic(work / "hf", cfg, args.dtype)
+    shutil.rmtree(work / "conv", ignore_errors=True)  # the convert phase writes it afresh
     print(f"synthetic checkpoint: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab "
           f"{cfg.vocab_size}, {args.dtype}: model.safetensors {size / 1e9:.2f} GB "
-          f"(written in {time.perf_counter() - t0:.0f} s)", flush=True)
+          f"(written in {time.perf_counter() - t0:.0f} s); quantize: {args.quantize}", flush=True)
     rows = []
     for phase in PHASES:
+      extra = [f"--quantize={args.quantize}"] if args.quantize else []
       proc = subprocess.run([sys.executable, __file__, f"--phase={phase}", f"--workdir={work}",
-                             f"--dtype={args.dtype}"], capture_output=True, text=True, check=True)
+                             f"--dtype={args.dtype}", *extra], capture_output=True, text=True,
+                            check=True)
       rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     base = rows[0]["peak_rss"]
     print(f"\n| phase | time (s) | peak RSS (GB) | peak - baseline (GB) | (peak - baseline) / "

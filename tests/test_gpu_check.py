@@ -62,7 +62,7 @@ def test_smoke_run_records_environment_and_passes_every_section(smoke_run):
   assert env["jax_backend"] == "cpu" and env["device"] and env["jax"] and env["jaxlib"]
   assert env["date_utc"] and "--cpu_smoke" in report["command"]
   assert list(report["sections"]) == ["kernel_tests", "parity", "roofline", "quadratic",
-                                      "generate"]
+                                      "generate", "quantized"]
   for name, rec in report["sections"].items():
     assert (rec["status"], rec["error"]) == ("passed", None), name
 
@@ -157,6 +157,24 @@ def test_smoke_quadratic_round_beside_the_linear_round(smoke_run, gpu_check):
       assert _positive_finite(r[key]), key
     assert r["linear_round_ms"] == pytest.approx(r["draft_ms"] + r["verify_ms"])
     assert r["quadratic_vs_linear"] == pytest.approx(r["quadratic_round_ms"] / r["linear_round_ms"])
+
+
+def test_smoke_quantized_rows_per_weights_forward_and_batch(smoke_run, gpu_check):
+  report, markdown = smoke_run
+  plan = gpu_check.CPU_PLAN
+  rec = report["sections"]["quantized"]
+  rows = {(r["weights"], r["batch"], r["forward"]): r for r in rec["rows"]}
+  assert set(rows) == {(w, b, k) for w in gpu_check.QUANTIZED_WEIGHTS for b in plan.batches
+                       for k in gpu_check.QUANTIZED_FORWARDS}
+  # int8 / fp8 linear kernels: one byte per weight where bf16 has two, plus fp32 scales.
+  sizes = rec["param_bytes"]
+  assert sizes["int8"] == sizes["fp8"] < 0.75 * sizes["bf16"]
+  for (weights, batch, kind), row in rows.items():
+    assert all(_positive_finite(row[k]) for k in ("ms", "int8_roofline_ms", "weight_bytes"))
+    assert row["vs_bf16"] == pytest.approx(row["ms"] / rows[("bf16", batch, kind)]["ms"])
+    assert row["vs_int8_roofline"] == pytest.approx(row["ms"] / row["int8_roofline_ms"])
+    assert row["weight_bytes"] == rows[("int8", batch, kind)]["weight_bytes"] or weights == "bf16"
+  assert rec["int8_target"] is None and "## quantized: passed" in markdown
 
 
 def test_a_failing_section_does_not_stop_the_others(gpu_check, monkeypatch):
