@@ -21,7 +21,9 @@ def serve_config(**overrides) -> config_dict.ConfigDict:
   c.model_name = ""  # the id clients send as `model`; empty: the checkpoint's file or folder name
   c.lora = True  # load the draft LoRA (linear_spec_lora/) for spec-mode drafting when present
   c.dtype = "auto"  # "auto" (float32 on CPU, bfloat16 on GPU), "float32" or "bfloat16"
-  c.attention_impl = "xla"  # "xla", "pallas", "triton", "cudnn" or "auto"
+  # "auto" (the measured kernels where they win, else XLA), "xla", "pallas", "triton" or "cudnn"
+  c.attention_impl = "auto"
+  c.quantize = ""  # weight-only quantization of the linear layers: "", "int8" or "fp8"
   c.mesh_shape = ""  # device mesh "data,model", e.g. "1,8"; empty: one device
   # compilation cache: "auto" (~/.cache/dllm_jax/jax; $XDG_CACHE_HOME if set), a directory, "none"
   c.compilation_cache_dir = "auto"

@@ -111,6 +111,9 @@ def check(c: config_dict.ConfigDict) -> dict:
                      f"{', '.join(LOG_LEVELS)}")
   if c.dtype not in cli.DTYPES:
     raise UsageError(f"--config.dtype={c.dtype!r}: expected one of {', '.join(cli.DTYPES)}")
+  if c.quantize not in cli.QUANTIZE_MODES:
+    raise UsageError(f"--config.quantize={c.quantize!r}: expected one of "
+                     f"{', '.join(repr(m) for m in cli.QUANTIZE_MODES)}")
   if c.attention_impl not in cli.ATTENTION_IMPLS:
     raise UsageError(f"--config.attention_impl={c.attention_impl!r}: expected one of "
                      f"{', '.join(cli.ATTENTION_IMPLS)}")
@@ -169,7 +172,8 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
       raise UsageError(f"--config.mesh_shape: {e}") from None
   loaded = loader.load(desc, dtype=c.dtype, mesh=mesh, lora=c.lora,
-                       attention_impl=c.attention_impl, progress=True)
+                       attention_impl=c.attention_impl, progress=True,
+                       quantize=c.quantize or None)
   try:
     engine = Engine(loaded.model, EngineConfig(
         slots=c.slots, max_prompt_tokens=c.max_prompt_tokens, max_new_tokens=c.max_tokens_limit,

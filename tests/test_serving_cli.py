@@ -28,6 +28,7 @@ def test_bad_knobs_exit_2_with_one_line():
   for args, culprit in ((["--config.modes=ar,quantum"], "--config.modes"),
                         (["--config.mode=diffusion"], "--config.mode"),
                         (["--config.port=70000"], "--config.port"),
+                        (["--config.quantize=int4"], "--config.quantize"),
                         (["--config.nope=1"], "--config.nope")):
     r = _run(*args)
     assert r.returncode == 2, (args, r.stderr)
