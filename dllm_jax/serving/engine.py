@@ -11,16 +11,21 @@ Layout (docs/serving.md): one preallocated KV cache of `slots` rows; a slot hold
 request's decoding "group" is what shapes its programs: (mode, block length, greedy or sampled;
 quadratic self-speculation is greedy only).
 Each group keeps a carry for every slot (the mode's batch-1 carry with a leading slot axis) in which
-slots that are not its own are marked done, so they stay untouched. The mode's batch-1 `step` runs
-under `jax.vmap` over the slots with per-slot knobs (seed, threshold, temperature, EOS ids), so a
-slot's sampling events, row index and event counter are exactly those of a batch-1 `generate`: its
-output depends neither on its slot nor on its neighbours.
+slots that are not its own are marked done, so they stay untouched. By default each live slot runs
+the mode's batch-1 `step` with its own knobs (seed, threshold, temperature, EOS ids), so a slot's
+sampling events, row index, event counter and float rounding are exactly those of a batch-1
+`generate`: its output depends neither on its slot nor on its neighbours. `batched=True` runs the
+step under `jax.vmap` over all slots at once instead (more throughput; batched matrix products
+round differently, so near-ties may resolve otherwise; docs/serving.md).
 
 The loop thread alternates: admit queued requests into free slots (one prefill program per prompt
 bucket, then the group's init program), then one step of every group that has live slots. Finished,
 stopped and cancelled requests free their slot at the end of that round. Every program is compiled
 in `start()` for fixed shapes and called as a compiled executable afterwards, so nothing compiles
 while serving (a wrong shape raises instead of recompiling).
+
+The module is over 600 lines because the engine is one piece of shared state (slots, queue, cache,
+compiled programs, the loop thread): split across files, each part would reach into the others.
 """
 
 from __future__ import annotations
