@@ -85,8 +85,10 @@ FLAGS = Origin()
 
 # --- configuration --------------------------------------------------------------------------------
 
-def parse_config(argv: list[str]) -> config_dict.ConfigDict:
-  """`--config=<file> --config.<key>=<value> ...` -> the config, or UsageError naming the culprit."""
+def parse_config(argv: list[str], default_config: str = DEFAULT_CONFIG,
+                 description: str = "generation config file") -> config_dict.ConfigDict:
+  """`--config=<file> --config.<key>=<value> ...` -> the config, or UsageError naming the culprit.
+  scripts/serve.py parses its own configs with it (its default file, its description)."""
   for arg in argv[1:]:
     if arg.startswith("--config="):
       path = arg.split("=", 1)[1]
@@ -96,7 +98,7 @@ def parse_config(argv: list[str]) -> config_dict.ConfigDict:
         raise UsageError(f"--config: config file {path} defines no get_config() function")
   fv = flags.FlagValues()
   try:
-    holder = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "generation config file",
+    holder = config_flags.DEFINE_config_file("config", default_config, description,
                                              flag_values=fv, lock_config=True, sys_argv=argv)
     fv(argv)
     config = holder.value

@@ -21,8 +21,7 @@ import shlex
 import signal
 import sys
 
-from absl import flags
-from ml_collections import config_dict, config_flags
+from ml_collections import config_dict
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 DEFAULT_CONFIG = os.path.join(CONFIGS, "serve.py")
@@ -38,25 +37,7 @@ UsageError = cli.UsageError
 
 
 def parse_config(argv: list[str]) -> config_dict.ConfigDict:
-  for arg in argv[1:]:
-    if arg.startswith("--config="):
-      path = arg.split("=", 1)[1]
-      if not os.path.isfile(path):
-        raise UsageError(f"--config: config file {path} not found")
-  fv = flags.FlagValues()
-  try:
-    holder = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "server config file",
-                                             flag_values=fv, lock_config=True, sys_argv=argv)
-    fv(argv)
-    config = holder.value
-    config.to_dict()
-  except (KeyError, AttributeError) as e:
-    raise UsageError(cli._unknown_key_message(e, argv)) from None  # pylint: disable=protected-access
-  except flags.Error as e:
-    raise UsageError(str(e).splitlines()[0]) from None
-  except (OSError, ImportError, SyntaxError) as e:
-    raise UsageError(f"cannot load config file: {e}") from None
-  return config
+  return cli.parse_config(argv, DEFAULT_CONFIG, "server config file")
 
 
 def help_text(argv: list[str]) -> str:
