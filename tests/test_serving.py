@@ -5,6 +5,7 @@ compilation once the engine has started."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import jax
@@ -131,29 +132,41 @@ def test_a_failing_listener_fails_nothing_else(engine, expected):
   _same_as_alone(second, expected[1], CASES[1][1])
 
 
-def test_the_queue_is_bounded(engine):
-  gate = threading.Event()
-  held = []
+@contextlib.contextmanager
+def engine_thread_held(engine):
+  """Submits CASES[0] with a listener that keeps the engine thread in its first call, so nothing
+  leaves the queue meanwhile; yields that request once the thread is held. On exit the request is
+  cancelled and the thread let go."""
+  gate, held = threading.Event(), []
 
-  def hold(request):  # keeps the engine thread here, so nothing leaves the queue meanwhile
+  def hold(request):
     if not held:
       held.append(request)
       gate.wait(WAIT)
 
   first = engine.submit(*CASES[0], listener=hold)
-  queued = []
   try:
-    for _ in range(int(WAIT * 10)):
+    for _ in range(int(WAIT * 20)):
       if held:
         break
-      threading.Event().wait(0.1)
-    queued = [engine.submit(*CASES[4]) for _ in range(engine.config.queue_size)]
-    with pytest.raises(QueueFull, match="queue is full"):
-      engine.submit(*CASES[4])
+      threading.Event().wait(0.05)
+    assert held, "the engine thread never called the listener"
+    yield first
   finally:
-    for r in [first, *queued]:
-      r.cancel()
+    first.cancel()
     gate.set()
+
+
+def test_the_queue_is_bounded(engine):
+  queued = []
+  with engine_thread_held(engine) as first:
+    try:
+      queued = [engine.submit(*CASES[4]) for _ in range(engine.config.queue_size)]
+      with pytest.raises(QueueFull, match="queue is full"):
+        engine.submit(*CASES[4])
+    finally:
+      for r in queued:
+        r.cancel()
   for r in [first, *queued]:
     assert r.wait(WAIT) and r.finish_reason == "cancelled"
   assert _idle(engine)
@@ -388,44 +401,36 @@ def test_full_queue_answers_429_and_a_client_that_leaves_is_cancelled(engine, cl
                                                                       monkeypatch):
   import httpx
   import openai
-  gate, held, submitted = threading.Event(), [], []
+  submitted = []
   submit = engine.submit
 
   def recording_submit(*args, **kw):
     submitted.append(submit(*args, **kw))
     return submitted[-1]
 
-  def hold(request):
-    if not held:
-      held.append(request)
-      gate.wait(WAIT)
-
-  first = engine.submit(*CASES[0], listener=hold)
   queued = []
-  try:
-    while not held:
-      threading.Event().wait(0.05)
-    monkeypatch.setattr(engine, "submit", recording_submit)
-    # A streaming client reads the first event, then goes away while its request waits.
-    body = {"model": "tiny", "messages": MESSAGES, "stream": True, "max_tokens": 8}
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, trust_env=False,
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=WAIT) as r:
-      assert r.status_code == 200
-      next(r.iter_lines())
-    for _ in range(int(WAIT * 20)):
-      if submitted and submitted[0].cancelled:
-        break
-      threading.Event().wait(0.05)
-    assert submitted[0].cancelled
-    queued = [submit(*CASES[4]) for _ in range(engine.config.queue_size - 1)]
-    with pytest.raises(openai.RateLimitError) as e:
-      client.chat.completions.create(model="tiny", messages=MESSAGES)
-    assert e.value.response.headers["retry-after"] == "1"
-    assert e.value.body["code"] == "queue_full"
-  finally:
-    for r in [first, *queued]:
-      r.cancel()
-    gate.set()
+  with engine_thread_held(engine) as first:
+    try:
+      monkeypatch.setattr(engine, "submit", recording_submit)
+      # A streaming client reads the first event, then goes away while its request waits.
+      body = {"model": "tiny", "messages": MESSAGES, "stream": True, "max_tokens": 8}
+      with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, trust_env=False,
+                        headers={"Authorization": f"Bearer {KEY}"}, timeout=WAIT) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())
+      for _ in range(int(WAIT * 20)):
+        if submitted and submitted[0].cancelled:
+          break
+        threading.Event().wait(0.05)
+      assert submitted[0].cancelled
+      queued = [submit(*CASES[4]) for _ in range(engine.config.queue_size - 1)]
+      with pytest.raises(openai.RateLimitError) as e:
+        client.chat.completions.create(model="tiny", messages=MESSAGES)
+      assert e.value.response.headers["retry-after"] == "1"
+      assert e.value.body["code"] == "queue_full"
+    finally:
+      for r in queued:
+        r.cancel()
   assert submitted[0].wait(WAIT) and submitted[0].finish_reason == "cancelled"
   for r in [first, *queued]:
     assert r.wait(WAIT)
