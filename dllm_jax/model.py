@@ -387,8 +387,9 @@ class NLDModel(nnx.Module):
     logits_at: [B, K] input indices: return logits [B, K, V] at those positions only (a prefill
       needs one row per sequence; the full [B, T, V] would dwarf the activations at vocab 131k).
     positions: absolute positions [B, T]; default: cache length + arange(T) (0.. without cache;
-      for block_diff both halves get 0..n-1; for quadratic cache length + i + m). qscale_positions: positions for the Llama-4 query
-      scale when they differ from the RoPE positions (training uses 0..2n-1 over both halves).
+      for block_diff both halves get 0..n-1; for quadratic cache length + i + m).
+    qscale_positions: positions for the Llama-4 query scale when they differ from the RoPE
+      positions (training uses 0..2n-1 over both halves).
     """
     cfg = self.cfg
     if lora and self.lora is None:

@@ -49,7 +49,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dllm_jax import decode
+from dllm_jax.decode import engine as decode  # the engine behind generate: its modes and helpers
 from dllm_jax.decode.common import MIN_BUCKET, Settings, bucket_length, cache_length
 from dllm_jax.decode.settings import AR, DecodeSettings, Diffusion, Quadratic, Spec
 from dllm_jax.kv_cache import KVCache
