@@ -27,8 +27,8 @@ Sections (each records its own failure and the run goes on; the exit status is 1
                 1024-token cache, for block lengths 8, 16 and 32: the linear round's two
                 B-token forwards (draft with the LoRA, causal verify) beside the quadratic round's
                 one B(B+1)-token forward (72, 272, 1056 tokens), with "auto" and, where it runs,
-                the Mosaic GPU kernel ("pallas"); median ms each. --cpu_smoke: `tiny`, blocks
-                4 and 8, context 64.
+                the Mosaic GPU kernel ("pallas"); median ms each. --cpu_smoke: `tiny`, block
+                4, context 64.
   generate      `dllm_jax.generate` on the NLD-8B shape (random weights, the rank-128 draft LoRA)
                 in modes ar, diffusion and spec at batch 1 and 8, 128 new tokens, block 32, EOS
                 off so every row decodes the whole budget: ms per round, forwards/s, tokens/s
@@ -149,7 +149,7 @@ CPU_PLAN = Plan(
     roofline_presets=("tiny",), context=64, roofline_block=32, batches=(2,),
     copy_bytes=16 * 2**20, warmup=1, repeats=2, generate_preset="tiny", max_new_tokens=16,
     generate_block=8, prompt_lengths=(9, 16), draft_lora=LoRAConfig(rank=8, alpha=32.0),
-    quadratic_blocks=(4, 8), quantized_preset="tiny", int8_target=None)
+    quadratic_blocks=(4,), quantized_preset="tiny", int8_target=None)
 
 
 class BudgetSpent(Exception):

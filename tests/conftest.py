@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pathlib
+import shutil
+import sys
+import tempfile
 
 # Tests run on the CPU with deterministic fp32 unless a test opts into something else.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -15,9 +20,46 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # The PyTorch references run tiny models, where torch's worker threads only cost: one thread
 # halves their CPU time on a 2-core machine (set before torch is first imported).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One persistent compilation cache for the whole session: the xdist workers and every script run
+# as a child share the programs they compile (the same tiny checkpoints decode in many tests), and
+# nothing is written to the user's own cache. The controller creates it before starting the
+# workers, which inherit the variable, and removes it at the end (a pytest that a test starts
+# inherits it too and leaves it alone). Scripts find it through their
+# "auto" cache directory; tests that check the cache itself use their own directories. A program
+# loaded from it still fires JAX's backend-compile event, so the no-recompilation tests still
+# see every program a call obtains.
+_SESSION_CACHE = "DLLM_JAX_TEST_CACHE_HOME"
+_OWN_CACHE = not os.environ.get(_SESSION_CACHE)  # False in workers and in a pytest run by a test
+if _OWN_CACHE:
+  os.environ[_SESSION_CACHE] = tempfile.mkdtemp(prefix="dllm_jax_test_cache_")
+os.environ["XDG_CACHE_HOME"] = os.environ[_SESSION_CACHE]
 
-import numpy as np
-import pytest
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from dllm_jax.compile_cache import enable_compilation_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+enable_compilation_cache()
+
+
+def pytest_configure(config):
+  # With --dist loadscope, xdist hands out whole modules, by default the ones with the most tests
+  # first: the few long modules (real SmolLM2 weights, child processes) then start last and run
+  # alone on one worker while the other idles. The order below is kept instead.
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+  """Modules holding a test marked slow run first, in file order; the many short modules then
+  fill both workers to the end."""
+  slow = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow)  # stable: each module keeps its order
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ[_SESSION_CACHE], ignore_errors=True)
 
 
 def ministral_rope(theta=1e6, factor=16.0, original_max=16, beta=0.1):
@@ -62,3 +104,15 @@ def cpu_env(devices: int | None = None, **extra: str) -> dict[str, str]:
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def cli_module():
+  """scripts/generate.py as a module: its main() runs in this process, where a usage error is the
+  UsageError the script turns into exit 2 (test_cli.py runs that path as a child)."""
+  script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "generate.py"
+  spec = importlib.util.spec_from_file_location("generate_cli", script)
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
+  spec.loader.exec_module(mod)
+  return mod

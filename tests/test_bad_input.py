@@ -302,13 +302,19 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", CLI_MODEL_CONFIG_CASES)
-def test_bad_model_config_is_a_usage_error(tiny_checkpoint, tmp_path, name):
-  """The weights and tokenizer are fine; the CLI refuses the config.json before reading them."""
+def test_bad_model_config_is_a_usage_error(tiny_checkpoint, tmp_path, name, cli_module):
+  """The weights and tokenizer are fine; the CLI refuses the config.json before reading them. The
+  first case runs the script as a child (exit 2, one line on stderr), the others its main() here."""
   case = _by_name(MODEL_CONFIG_CASES)[name]
   ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
   (ckpt / "config.json").write_text(json.dumps(case.mutate(copy.deepcopy(TINY_NLD_CONFIG))))
-  proc = run_generate("--config=configs/nld.py", f"--config.checkpoint={ckpt}")
-  assert_usage_error(proc, f"config.json: {case.culprit}")
+  args = ("--config=configs/nld.py", f"--config.checkpoint={ckpt}")
+  if name == CLI_MODEL_CONFIG_CASES[0]:
+    assert_usage_error(run_generate(*args), f"config.json: {case.culprit}")
+    return
+  with pytest.raises(cli_module.UsageError) as e:
+    cli_module.main(["generate.py", *args])
+  assert "\n" not in str(e.value) and f"config.json: {case.culprit}" in str(e.value), str(e.value)
 
 
 # --- weights and storage: shared helpers --------------------------------------------------------

@@ -161,6 +161,7 @@ ROOFLINE_FIELDS = {"ms", "roofline_ms", "vs_roofline", "weight_bytes", "kv_bytes
                    "speedup_vs_torch"}
 
 
+@pytest.mark.slow
 def test_smoke_run_reports_every_mode(bench, tmp_path):
   config = runpy.run_path(str(ROOT / "configs" / "bench_smoke.py"))["get_config"]()
   report = bench.run(config, gpu_shapes=True, command="pytest")

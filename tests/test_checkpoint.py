@@ -398,6 +398,7 @@ MESH_WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_load_onto_mesh(ckpts, torch_model, tmp_path):
   draft_model, _ = _draft_reference(
       torch_model, ckpts["fp32"] / "linear_spec_lora" / "adapter_model.safetensors")

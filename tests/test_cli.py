@@ -30,7 +30,7 @@ def ckpt(tmp_path_factory):
   return write_checkpoint(tmp_path_factory.mktemp("tiny_nld"))
 
 
-def run_cli(*args: str, cache: str = "none", timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cache: str = "auto", timeout: int = 300) -> subprocess.CompletedProcess:
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   return subprocess.run([sys.executable, str(SCRIPT), *args,
                          f"--config.compilation_cache_dir={cache}"], capture_output=True,
@@ -102,6 +102,7 @@ def test_interactive_keeps_the_history(ckpt):
   assert prompts[2] == prompts[0]  # /reset starts over
 
 
+@pytest.mark.slow
 def test_default_runs_offline_and_prints_text():
   """`python scripts/generate.py` with no checkpoint: the embedded SmolLM2 writes English."""
   pytest.importorskip("gguf")
@@ -114,15 +115,6 @@ def test_default_runs_offline_and_prints_text():
 
 
 # --- bad input ------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def cli_module():
-  spec = importlib.util.spec_from_file_location("generate_cli", SCRIPT)
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
-  spec.loader.exec_module(mod)
-  return mod
-
 
 @pytest.fixture(scope="module")
 def no_tokenizer(ckpt, tmp_path_factory):
@@ -262,6 +254,7 @@ def _expected(tokenizer, model, line: dict) -> tuple[list[int], list[int]]:
   return ids, out.tokens[0]
 
 
+@pytest.mark.slow
 def test_batch_run_from_a_jsonl_file(ckpt, tmp_path):
   import dllm_jax
   prompts = tmp_path / "prompts.jsonl"

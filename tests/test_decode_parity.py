@@ -62,6 +62,7 @@ def _grid(*axes):
           for i, case in enumerate(itertools.product(*axes))]
 
 
+@pytest.mark.slow
 def test_block_diffusion_matches_reference(model, eager):
   stats = {"multi_commit_steps": 0, "mid_block_eos": 0}
   for block_length, threshold, prompt, (eos, think) in _grid((4, 8, 32), (None, 0.5, 0.9),
@@ -85,6 +86,7 @@ def test_block_diffusion_matches_reference(model, eager):
   assert stats["mid_block_eos"] >= 2, stats
 
 
+@pytest.mark.slow
 def test_block_diffusion_without_causal_context_matches_reference(model, eager):
   differs = []
   for block_length, threshold, prompt in [(8, 0.9, PROMPTS[0]), (4, None, PROMPTS[2]),

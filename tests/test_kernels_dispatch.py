@@ -159,6 +159,7 @@ def _greedy(run, cfg, prompts, lengths, steps, max_len):
   return np.stack(tokens, 1), np.stack(all_logits, 1), cache
 
 
+@pytest.mark.slow
 def test_model_pallas_matches_xla_greedy_and_diffusion(rng):
   cfg = preset("tiny").replace(block_size=4)  # block_diff over two blocks stays small
   xla = _runner(NLDModel(cfg, rngs=nnx.Rngs(0)))

@@ -46,6 +46,7 @@ def _run_interpreted(q, k, v, *, mask, q_offset=None, kv_len=None, block_k=None,
 INTERPRETED = triton.knobs.runtime.interpret
 
 
+@pytest.mark.slow
 def test_interpreted_cases_in_child_process():
   if INTERPRETED:
     pytest.skip("this process already runs Triton's interpreter")

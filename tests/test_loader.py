@@ -107,6 +107,7 @@ def embedded():
   return dllm_jax.load("smollm2")
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_embedded_default_by_name_and_by_file(embedded):
   path = embedded.path
@@ -162,6 +163,7 @@ def readme_example() -> str:
   return matches[0]
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_readme_python_example_runs_as_printed():
   out = io.StringIO()

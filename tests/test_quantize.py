@@ -227,6 +227,7 @@ def test_param_bytes_and_scale_shardings():
   assert tuple(specs["diffusion_head"]["kernel_scale"].value.spec) == ("model",)
 
 
+@pytest.mark.slow
 def test_converted_round_trip(tmp_path, hf_dir, loaded):
   """int8 and fp8 stored by the converter restore bit-exactly and load as stored; an unquantized
   converted directory quantizes on restore to the same values; a mismatched mode is one line."""

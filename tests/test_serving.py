@@ -16,6 +16,8 @@ from dllm_jax.decode import AR, Diffusion, Quadratic, Spec, generate
 from dllm_jax.serving import Engine, EngineConfig, PromptTooLong, QueueFull
 
 N, EOS, WAIT = 16, 63, 60.0
+# Every test shares an engine (or server) whose start-up compiles the programs of all four modes.
+pytestmark = pytest.mark.slow
 
 # (prompt, settings): the four modes, greedy and sampled, thresholds, fixed schedule, AR/draft mix,
 # EOS or not, different lengths; more requests than slots, so some wait for a slot to free.

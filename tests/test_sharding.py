@@ -269,6 +269,7 @@ def check_matches_reference(got: dict, reference: dict) -> None:
   np.testing.assert_array_equal(got["cache_lengths"], reference["cache_lengths"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", worker.MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_sharded_decode_matches_single_device(shape, mesh_results, reference):
   prefix = f"{shape[0]}x{shape[1]}/"
@@ -281,6 +282,7 @@ def test_sharded_decode_matches_single_device(shape, mesh_results, reference):
                                   err_msg=f"generate(mode={mode!r})")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", worker.MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_params_and_cache_are_distributed(shape, mesh_results):
   data, model = shape
@@ -305,6 +307,7 @@ def test_params_and_cache_are_distributed(shape, mesh_results):
     np.testing.assert_array_equal(shard_bytes[f"cache/k/{i}"], layer_cache // cache_parts)
 
 
+@pytest.mark.slow
 def test_two_process_decode_matches_single_process(workers, reference):
   for i, got in enumerate(results(workers["multihost"])):
     assert int(got["process_index"]) == i and int(got["global_devices"]) == 8

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from dllm_jax import LoRAConfig, NLDModel, preset
@@ -22,6 +23,7 @@ def mean_tokens_per_forward(model, prompts):
   return float(np.mean(out.tokens_per_forward))
 
 
+@pytest.mark.slow
 def test_draft_lora_training_raises_acceptance():
   # A random base model whose own drafts are poor (how poor depends on the draw).
   model = NLDModel(CFG, lora=LoRAConfig(8, 16), rngs=nnx.Rngs(3))

@@ -42,6 +42,7 @@ def counting_corpus(rng, rows, n):
   return (130 + 10 * stride[:, None] + digits).astype(np.int32)
 
 
+@pytest.mark.slow
 def test_training_lowers_diffusion_and_ar_losses(rng):
   tokens = counting_corpus(rng, 64, 32)
   eval_tokens = counting_corpus(np.random.default_rng(1), 16, 32)
@@ -97,6 +98,7 @@ def _tiny_run_config(tmp_path, data_path, steps):
   return config
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path, rng):
   data_path = tmp_path / "data.jsonl"
   with open(data_path, "w") as f:
@@ -266,6 +268,7 @@ def test_merge_lora_equals_forward_with_adapter():
                                err_msg=pattern)
 
 
+@pytest.mark.slow
 def test_lora_fine_tuning_of_the_joint_objective(tmp_path, rng):
   """trainable='lora' with block_diff on a briefly pretrained base: both losses fall, and the HF
   export holds the merged weights (no draft adapter), reproducing the adapted model's logits.

