@@ -211,12 +211,31 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader, path: str) -> TextTokenizer:
   )
 
 
+class _Reader(gguf.GGUFReader):
+  """GGUFReader over a plain ndarray view of its memory map (same pages, no copy).
+
+  The reader parses the metadata by slicing `self.data` once per value (~250k slices for
+  SmolLM2's 49k-token vocabulary), and every slice of an `np.memmap` runs memmap's Python-level
+  `__getitem__` / `__array_finalize__`: that made opening the embedded default take 3-5 s. A
+  plain view slices in C and parses the same file about 4x faster; the tensors it hands out stay
+  zero-copy views of the mapping, which the view keeps alive through its `base`.
+  """
+
+  @property
+  def data(self) -> np.ndarray:
+    return self._data
+
+  @data.setter
+  def data(self, value: np.ndarray) -> None:  # assigned once, in GGUFReader.__init__
+    self._data = value.view(np.ndarray)
+
+
 def load_gguf(path: str) -> GGUFCheckpoint:
   """Opens a llama-architecture GGUF file (memory-mapped) and reads its config and tokenizer."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"GGUF file {path} not found")
   try:
-    reader = gguf.GGUFReader(path)
+    reader = _Reader(path)
   except (ValueError, OSError) as e:
     raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
   raw = {hf_name(t.name, path): t for t in reader.tensors}

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import pathlib
 import runpy
+import subprocess
 import sys
 
 import jax
@@ -192,3 +193,14 @@ def test_gpu_section_skips_without_gpu(bench):
   config = runpy.run_path(str(ROOT / "configs" / "bench_cpu.py"))["get_config"]()
   section = bench.roofline_section(config)
   assert section["rows"] == [] and "needs a CUDA GPU" in section["skipped"]
+
+
+def test_cpu_matvec_probe_variants_agree_and_report():
+  # The probe asserts that its split variants compute what the single product does before timing
+  # them; a split that drops or duplicates a slice fails here.
+  out = subprocess.run([sys.executable, str(ROOT / "scripts" / "cpu_matvec_probe.py"),
+                        "--layers=2", "--repeats=1"], capture_output=True, text=True, timeout=300,
+                       check=True).stdout
+  rows = [line for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
+  assert [r.split("|")[1].strip() for r in rows] == [
+      "one dot", "column halves", "row halves", "2 devices (TP)"]
