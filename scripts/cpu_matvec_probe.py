@@ -34,59 +34,55 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disa
 HIDDEN, INTER = 576, 1536
 
 
-def _mlp(x, w_gu, w_d):
-  gu = x @ w_gu
-  g, u = gu[..., :w_gu.shape[1] // 2], gu[..., w_gu.shape[1] // 2:]
-  return x + (jax.nn.silu(g) * u) @ w_d
+def _swiglu(gu):
+  h = gu.shape[-1] // 2
+  return jax.nn.silu(gu[..., :h]) * gu[..., h:]
 
 
-def one_dot(x, w_gu, w_d):
-  for i in range(w_gu.shape[0]):
-    x = _mlp(x, w_gu[i], w_d[i])
+# Each variant takes its weights already laid out as it needs them, one buffer per layer and
+# piece (as the engine stores them), so no program slices or concatenates weights.
+
+def one_dot(x, layers):
+  for w_gu, w_d in layers:
+    x = x + _swiglu(x @ w_gu) @ w_d
   return x
 
 
-def column_halves(x, w_gu, w_d):
-  for i in range(w_gu.shape[0]):
-    # Gate and up columns interleaved by half so each half-product yields its own gate and up.
-    h = INTER // 2
-    a = x @ jnp.concatenate([w_gu[i, :, :h], w_gu[i, :, INTER:INTER + h]], axis=1)
-    b = x @ jnp.concatenate([w_gu[i, :, h:INTER], w_gu[i, :, INTER + h:]], axis=1)
-    act = jnp.concatenate([jax.nn.silu(a[..., :h]) * a[..., h:],
-                           jax.nn.silu(b[..., :h]) * b[..., h:]], axis=-1)
-    x = x + jnp.concatenate([act @ w_d[i, :, :HIDDEN // 2], act @ w_d[i, :, HIDDEN // 2:]],
-                            axis=-1)
+def column_halves(x, layers):
+  for (gu_a, gu_b), (d_a, d_b) in layers:
+    act = jnp.concatenate([_swiglu(x @ gu_a), _swiglu(x @ gu_b)], axis=-1)
+    x = x + jnp.concatenate([act @ d_a, act @ d_b], axis=-1)
   return x
 
 
-def row_halves(x, w_gu, w_d):
-  for i in range(w_gu.shape[0]):
-    hh, hi = HIDDEN // 2, INTER // 2
-    gu = x[..., :hh] @ w_gu[i, :hh] + x[..., hh:] @ w_gu[i, hh:]
-    act = jax.nn.silu(gu[..., :INTER]) * gu[..., INTER:]
-    x = x + act[..., :hi] @ w_d[i, :hi] + act[..., hi:] @ w_d[i, hi:]
+def row_halves(x, layers):
+  hh, hi = HIDDEN // 2, INTER // 2
+  for (gu_a, gu_b), (d_a, d_b) in layers:
+    act = _swiglu(x[..., :hh] @ gu_a + x[..., hh:] @ gu_b)
+    x = x + act[..., :hi] @ d_a + act[..., hi:] @ d_b
   return x
 
 
-def tensor_parallel(mesh):
-  def body(x, w_gu, w_d):
-    # Per device: its halves of the gate and up columns, its rows of down, then one all-reduce.
-    for i in range(w_gu.shape[0]):
-      gu = x @ w_gu[i]
-      h = gu.shape[-1] // 2
-      x = x + jax.lax.psum((jax.nn.silu(gu[..., :h]) * gu[..., h:]) @ w_d[i], "model")
+def tensor_parallel(mesh, n_layers):
+  def body(x, layers):
+    # Per device: its halves of the gate and up columns, its rows of down, one all-reduce.
+    for w_gu, w_d in layers:
+      x = x + jax.lax.psum(_swiglu(x @ w_gu) @ w_d, "model")
     return x
-  return jax.shard_map(body, mesh=mesh,
-                       in_specs=(P(), P(None, None, "model"), P(None, "model", None)),
-                       out_specs=P())
+  specs = [(P(None, "model"), P("model", None))] * n_layers
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(), specs), out_specs=P())
 
 
-def _tp_gate_up(w_gu):
-  # Reorders gate/up columns to [gate_0 | up_0 | gate_1 | up_1] so a column split over two
-  # devices hands each one matching halves of gate and up.
+def _layouts(w_gu, w_d):
+  """The weights of every variant, from one layer's gate|up (HIDDEN x 2 INTER) and down."""
   h = INTER // 2
-  return jnp.concatenate([w_gu[..., :h], w_gu[..., INTER:INTER + h],
-                          w_gu[..., h:INTER], w_gu[..., INTER + h:]], axis=-1)
+  gate, up = w_gu[:, :INTER], w_gu[:, INTER:]
+  # Half i of the columns holds half i of gate and half i of up, so each half-product (and each
+  # tensor-parallel device) yields its own SwiGLU input.
+  halves = [np.concatenate([gate[:, :h], up[:, :h]], 1), np.concatenate([gate[:, h:], up[:, h:]], 1)]
+  cols = ((halves[0], halves[1]), (w_d[:, :HIDDEN // 2], w_d[:, HIDDEN // 2:]))
+  rows = ((w_gu[:HIDDEN // 2], w_gu[HIDDEN // 2:]), (w_d[:h], w_d[h:]))
+  return (w_gu, w_d), cols, rows, (np.concatenate(halves, 1), w_d)
 
 
 def main() -> None:
@@ -98,17 +94,19 @@ def main() -> None:
     p.error("--layers and --repeats must be >= 1")
 
   rng = np.random.default_rng(0)
-  w_gu = jnp.asarray(rng.standard_normal((args.layers, HIDDEN, 2 * INTER), np.float32) * 0.02)
-  w_d = jnp.asarray(rng.standard_normal((args.layers, INTER, HIDDEN), np.float32) * 0.02)
+  per_layer = [_layouts(rng.standard_normal((HIDDEN, 2 * INTER), np.float32) * 0.02,
+                        rng.standard_normal((INTER, HIDDEN), np.float32) * 0.02)
+               for _ in range(args.layers)]
   x = jnp.asarray(rng.standard_normal((1, HIDDEN), np.float32))
   mesh = Mesh(np.array(jax.devices()[:2]), ("model",))
-  tp_args = (jax.device_put(x, NamedSharding(mesh, P())),
-             jax.device_put(_tp_gate_up(w_gu), NamedSharding(mesh, P(None, None, "model"))),
-             jax.device_put(w_d, NamedSharding(mesh, P(None, "model", None))))
-  variants = [("one dot", jax.jit(one_dot), (x, w_gu, w_d)),
-              ("column halves", jax.jit(column_halves), (x, w_gu, w_d)),
-              ("row halves", jax.jit(row_halves), (x, w_gu, w_d)),
-              ("2 devices (TP)", jax.jit(tensor_parallel(mesh)), tp_args)]
+  col, row = NamedSharding(mesh, P(None, "model")), NamedSharding(mesh, P("model", None))
+  tp = [(jax.device_put(gu, col), jax.device_put(d, row)) for *_, (gu, d) in per_layer]
+  layout = lambda k: jax.tree.map(jnp.asarray, [l[k] for l in per_layer])
+  variants = [("one dot", jax.jit(one_dot), (x, layout(0))),
+              ("column halves", jax.jit(column_halves), (x, layout(1))),
+              ("row halves", jax.jit(row_halves), (x, layout(2))),
+              ("2 devices (TP)", jax.jit(tensor_parallel(mesh, args.layers)),
+               (jax.device_put(x, NamedSharding(mesh, P())), tp))]
 
   reference = np.asarray(variants[0][1](*variants[0][2]))
   for name, fn, a in variants[1:]:
@@ -124,7 +122,7 @@ def main() -> None:
       fn(*a).block_until_ready()
       times[name].append(time.perf_counter() - start)
 
-  weight_bytes = (w_gu.size + w_d.size) * 4
+  weight_bytes = sum(a.nbytes for a in jax.tree.leaves(variants[0][2][1]))
   base = statistics.median(times["one dot"])
   print(f"cpu_count={os.cpu_count()} affinity={len(os.sched_getaffinity(0))} "
         f"layers={args.layers} weights={weight_bytes / 1e6:.0f} MB repeats={args.repeats}")
