@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 # Two host devices for the tensor-parallel row; set before JAX initialises its backends.
@@ -30,6 +29,8 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import bench_utils as bu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 HIDDEN, INTER = 576, 1536
 
@@ -123,15 +124,15 @@ def main() -> None:
       times[name].append(time.perf_counter() - start)
 
   weight_bytes = sum(a.nbytes for a in jax.tree.leaves(variants[0][2][1]))
-  base = statistics.median(times["one dot"])
-  print(f"cpu_count={os.cpu_count()} affinity={len(os.sched_getaffinity(0))} "
+  env = bu.environment()
+  print(f"{env['date_utc']} UTC, {env['cpu']}, threads {env['cpu_threads']}, "
+        f"load average (1 min) {env['load_average_1m']:.1f}, jax {env['jax']}; "
         f"layers={args.layers} weights={weight_bytes / 1e6:.0f} MB repeats={args.repeats}")
-  print("| variant | ms / step (median) | GB/s | vs one dot |")
-  print("|---|---:|---:|---:|")
-  for name, _, _ in variants:
-    t = statistics.median(times[name])
-    print(f"| {name} | {t * 1e3:.2f} | {weight_bytes / t / 1e9:.1f} | {base / t:.2f}x |")
-
+  base = bu.median(times["one dot"])
+  rows = [{"variant": name, "ms": 1e3 * bu.median(t), "gbps": weight_bytes / bu.median(t) / 1e9,
+           "ratio": base / bu.median(t)} for name, t in times.items()]
+  print(bu.format_table(rows, [("variant", "variant"), ("ms", "ms / step (median)"),
+                               ("gbps", "GB/s"), ("ratio", "vs one dot")]))
 
 if __name__ == "__main__":
   main()
