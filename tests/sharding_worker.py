@@ -6,8 +6,8 @@ process on one device. Two jobs:
 
   python tests/sharding_worker.py meshes OUT.npz
       on 8 devices, for each mesh in MESHES: parameter/cache placement, a ragged prefill, a
-      greedy decode, and on GENERATE_MESHES `generate` in every mode; everything the tests check
-      goes to OUT.npz.
+      greedy decode, and on the meshes of GENERATE `generate` in their modes; everything the tests
+      check goes to OUT.npz.
   python tests/sharding_worker.py multihost OUT.npz --port P --process-id I --num-processes N
       one process of a jax.distributed job on localhost: the same prefill and greedy decode on a
       mesh spanning all processes; every process saves its gathered result.
@@ -32,9 +32,12 @@ from dllm_jax.decode import generate, settings_for
 from dllm_jax.model import lora_linears
 
 MESHES = ((1, 8), (2, 4), (4, 2), (8, 1))
-# `generate` in every mode on the meshes that take both branches of the kv-head rule (replicated on
-# 8 model shards, split on 4) and split the batch; prefill and greedy decode run on every mesh.
-GENERATE_MESHES = ((1, 8), (2, 4))
+# `generate` on the meshes that take both branches of the kv-head rule (replicated on 8 model
+# shards, split on 4) and split the batch; prefill and greedy decode run on every mesh. (2, 4) runs
+# every mode; on (1, 8) spec (a bidirectional draft block and a causal verify against the cache)
+# and quadratic (its own pattern) meet every attention pattern that AR and diffusion use, and each
+# mode compiled over 8 devices costs seconds of the suite.
+GENERATE = {(1, 8): ("spec", "quadratic"), (2, 4): ("ar", "diffusion", "spec", "quadratic")}
 MULTIHOST_MESH = (2, 4)
 # 8 query / 4 kv heads: kv heads are split on model axes 1, 2, 4 and replicated on 8.
 CFG = preset("tiny").replace(num_heads=8, num_kv_heads=4, head_dim=16)
@@ -43,7 +46,6 @@ MAX_LEN = 32
 DECODE_STEPS = 6
 # Adapters on projections split along their input and along their output, kv heads included.
 LORA = LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "o_proj", "down_proj"))
-GENERATE_MODES = ("ar", "diffusion", "spec", "quadratic")
 GENERATE_KW = dict(max_new_tokens=8, block_length=4)
 
 
@@ -112,12 +114,13 @@ def greedy_ar(model: NLDModel, tokens: np.ndarray, lengths: np.ndarray,
   return result, cache
 
 
-def generate_all(model: NLDModel, mesh=None) -> dict[str, np.ndarray]:
-  """Greedy ids of every decoding mode for the mixed-length prompts, -1 past each row's end."""
+def generate_all(model: NLDModel, mesh=None,
+                 modes: tuple[str, ...] = GENERATE[(2, 4)]) -> dict[str, np.ndarray]:
+  """Greedy ids of each of `modes` for the mixed-length prompts, -1 past each row's end."""
   tokens, lengths = make_prompts()
   prompts = [row[:n].tolist() for row, n in zip(tokens, lengths)]
   results = {}
-  for mode in GENERATE_MODES:
+  for mode in modes:
     rows = generate(model, prompts, settings_for(mode, skip_other_modes=True, **GENERATE_KW),
                     mesh=mesh).tokens
     # A speculative round may run past max_new_tokens by up to one block.
@@ -139,13 +142,13 @@ def placement(model: NLDModel, cache: KVCache) -> dict[str, np.ndarray]:
           for path, x in arrays.items()}
 
 
-def run_mesh(shape: tuple[int, int], with_generate: bool) -> dict[str, np.ndarray]:
+def run_mesh(shape: tuple[int, int], modes: tuple[str, ...]) -> dict[str, np.ndarray]:
   mesh = shd.make_mesh(shape)
   model = shd.shard_model(build_model(), mesh)
   result, cache = greedy_ar(model, *make_prompts(), mesh=mesh)
   result.update(placement(model, cache))
-  if with_generate:
-    result.update(generate_all(model, mesh))
+  if modes:
+    result.update(generate_all(model, mesh, modes))
   return result
 
 
@@ -160,12 +163,12 @@ def main() -> None:
   if args.job == "meshes":
     results = {}
     for shape in MESHES:
-      for key, value in run_mesh(shape, with_generate=shape in GENERATE_MESHES).items():
+      for key, value in run_mesh(shape, GENERATE.get(shape, ())).items():
         results[f"{shape[0]}x{shape[1]}/{key}"] = value
   else:
     jax.distributed.initialize(coordinator_address=f"localhost:{args.port}",
                                num_processes=args.num_processes, process_id=args.process_id)
-    results = run_mesh(MULTIHOST_MESH, with_generate=False)
+    results = run_mesh(MULTIHOST_MESH, ())
     results["mesh_processes"] = np.vectorize(lambda d: d.process_index)(
         shd.make_mesh(MULTIHOST_MESH).devices)
     results["process_index"] = np.array(jax.process_index())
