@@ -1,18 +1,25 @@
-"""Does XLA:CPU put a second core to work on batch-1 decoding? Times one program of SmolLM2-shaped
-MLP matrix-vector products (30 layers, 576 -> 2x1536 -> 576, fp32, ~320 MB of weights, so the
-step is bound by memory like a real decode step) written four ways, in one process:
+"""How fast can XLA:CPU run batch-1 decoding's products? Times one program of SmolLM2-shaped MLP
+matrix-vector products (30 layers, 576 -> 2x1536 -> 576, fp32, ~320 MB of weights, so the step is
+bound by memory like a real decode step) written six ways, in one process: does a second core get
+to work, and what do int8 kernels buy?
 
   one dot          gate/up as one 576 x 3072 product, down as one 1536 x 576 product
   column halves    each product as two independent dots over halves of its output columns
   row halves       each product as two dots over halves of its input rows, summed
   2 devices (TP)   the MLP sharded over two host CPU devices (Megatron column/row split with
                    shard_map, one all-reduce per layer), which XLA runs on separate threads
+  int8 weights     the same products with int8 kernels and per-output-channel scales
+                   (dllm_jax.quantize), multiplied as the library's `quantize="int8"` forward does
+                   it (dllm_jax.quantize.quantized_matmul: kernel converted to float32, then the dot)
+  int8 x int8      the int8 kernels times activations quantized to int8 per row on the fly
+                   (absmax / 127), int32 accumulation, both scales applied to the output: the
+                   arithmetic of llama.cpp's Q8_0 products, not something the library does
 
 python scripts/cpu_matvec_probe.py [--repeats=20] [--layers=30]
 taskset -c 0 python scripts/cpu_matvec_probe.py   # the same with one core
 
-Prints a table of median milliseconds per step, the weight bytes read per second and each
-variant's speed relative to "one dot". docs/benchmarks.md records a run.
+Prints a table of median milliseconds per step, each variant's weight bytes and the bytes read per
+second, and each variant's speed relative to "one dot". docs/benchmarks.md records a run.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import bench_utils as bu  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dllm_jax import quantize as qz  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 HIDDEN, INTER = 576, 1536
 
@@ -74,6 +82,27 @@ def tensor_parallel(mesh, n_layers):
   return jax.shard_map(body, mesh=mesh, in_specs=(P(), specs), out_specs=P())
 
 
+def int8_weights(x, layers):
+  for (gu, gu_scale), (d, d_scale) in layers:
+    act = _swiglu(qz.quantized_matmul(x, gu, gu_scale, jnp.float32))
+    x = x + qz.quantized_matmul(act, d, d_scale, jnp.float32)
+  return x
+
+
+def _int8_product(x, values, scale):
+  """x [1, in] float32 quantized per row to int8, times int8 `values` [in, out] in int32."""
+  x_scale = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True), 1e-30) / 127
+  xq = jnp.clip(jnp.round(x / x_scale), -127, 127).astype(jnp.int8)
+  acc = jax.lax.dot(xq, values, preferred_element_type=jnp.int32)
+  return acc.astype(jnp.float32) * x_scale * scale
+
+
+def int8_x_int8(x, layers):
+  for (gu, gu_scale), (d, d_scale) in layers:
+    x = x + _int8_product(_swiglu(_int8_product(x, gu, gu_scale)), d, d_scale)
+  return x
+
+
 def _layouts(w_gu, w_d):
   """The weights of every variant, from one layer's gate|up (HIDDEN x 2 INTER) and down."""
   h = INTER // 2
@@ -109,11 +138,20 @@ def main() -> None:
               ("2 devices (TP)", jax.jit(tensor_parallel(mesh, args.layers)),
                (jax.device_put(x, NamedSharding(mesh, P())), tp))]
 
+  int8 = [tuple(qz.quantize_kernel(jnp.asarray(w), "int8") for w in l[0]) for l in per_layer]
+  variants += [("int8 weights", jax.jit(int8_weights), (x, int8)),
+               ("int8 x int8", jax.jit(int8_x_int8), (x, int8))]
+
   reference = np.asarray(variants[0][1](*variants[0][2]))
-  for name, fn, a in variants[1:]:
+  for name, fn, a in variants[1:4]:
     # The variants compute the same function; a wrong split must not be timed as a speed-up.
     np.testing.assert_allclose(np.asarray(fn(*a)), reference, rtol=2e-4, atol=2e-4,
                                err_msg=name)
+  # The int8 rows round the weights (and activations) to 8 bits: within a few percent of the
+  # float32 result, where a wrong scale or layout is off by its whole size.
+  for name, fn, a in variants[4:]:
+    err = np.max(np.abs(np.asarray(fn(*a)) - reference)) / np.max(np.abs(reference))
+    assert err < 0.05, f"{name}: relative error {err:.3g} against float32"
 
   times = {name: [] for name, _, _ in variants}
   for _ in range(args.repeats):
@@ -123,16 +161,20 @@ def main() -> None:
       fn(*a).block_until_ready()
       times[name].append(time.perf_counter() - start)
 
-  weight_bytes = sum(a.nbytes for a in jax.tree.leaves(variants[0][2][1]))
   env = bu.environment()
   print(f"{env['date_utc']} UTC, {env['cpu']}, threads {env['cpu_threads']}, "
         f"load average (1 min) {env['load_average_1m']:.1f}, jax {env['jax']}; "
-        f"layers={args.layers} weights={weight_bytes / 1e6:.0f} MB repeats={args.repeats}")
+        f"layers={args.layers} repeats={args.repeats}")
   base = bu.median(times["one dot"])
-  rows = [{"variant": name, "ms": 1e3 * bu.median(t), "gbps": weight_bytes / bu.median(t) / 1e9,
-           "ratio": base / bu.median(t)} for name, t in times.items()]
-  print(bu.format_table(rows, [("variant", "variant"), ("ms", "ms / step (median)"),
-                               ("gbps", "GB/s"), ("ratio", "vs one dot")]))
+  rows = []
+  for name, _, a in variants:
+    weight_bytes = sum(w.nbytes for w in jax.tree.leaves(a[1]))
+    t = bu.median(times[name])
+    rows.append({"variant": name, "mb": weight_bytes / 1e6, "ms": 1e3 * t,
+                 "gbps": weight_bytes / t / 1e9, "ratio": base / t})
+  print(bu.format_table(rows, [("variant", "variant"), ("mb", "weights MB"),
+                               ("ms", "ms / step (median)"), ("gbps", "GB/s"),
+                               ("ratio", "vs one dot")]))
 
 if __name__ == "__main__":
   main()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pathlib
+import resource
 import shutil
 import sys
 import tempfile
+import time
 
 # Tests run on the CPU with deterministic fp32 unless a test opts into something else.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -40,6 +43,64 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dllm_jax.compile_cache import enable_compilation_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 enable_compilation_cache()
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+      "--cpu-profile", metavar="DIR",
+      help="append each test's CPU seconds (its process and the children it waited for) and the "
+           "seconds JAX spent tracing, lowering and compiling to DIR/<pid>.jsonl; "
+           "`python scripts/suite_profile.py DIR` sums them per module")
+
+
+class _CompileSeconds:
+  """The seconds JAX reports for tracing, lowering and backend compilation since `reset`."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+    self.listening = False
+
+  def __call__(self, event: str, duration: float, **_) -> None:
+    if event.startswith("/jax/core/compile/"):
+      name = event.rsplit("/", 1)[-1]
+      self.seconds[name] = self.seconds.get(name, 0.0) + duration
+
+  def reset(self) -> None:
+    if not self.listening:  # listeners cannot be removed: one per process
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.monitoring.register_event_duration_secs_listener(self)
+      self.listening = True
+    self.seconds = {}
+
+
+_compile_seconds = _CompileSeconds()
+
+
+def _cpu_seconds() -> tuple[float, float]:
+  own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                       resource.RUSAGE_CHILDREN))
+  return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """With --cpu-profile: one JSON line per test, its setup and teardown included. Wall time
+  misleads on a shared machine (two workers and their children contend for the cores); CPU
+  seconds add up to what the suite costs."""
+  directory = item.config.getoption("cpu_profile")
+  if not directory:
+    yield
+    return
+  _compile_seconds.reset()
+  before, start = _cpu_seconds(), time.perf_counter()
+  yield
+  after = _cpu_seconds()
+  record = {"test": item.nodeid, "wall_s": time.perf_counter() - start,
+            "cpu_s": after[0] - before[0], "children_cpu_s": after[1] - before[1],
+            **{f"{k}_s": v for k, v in _compile_seconds.seconds.items()}}
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, f"{os.getpid()}.jsonl"), "a", encoding="utf-8") as f:
+    f.write(json.dumps(record) + "\n")
 
 
 def pytest_configure(config):

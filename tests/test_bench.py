@@ -196,11 +196,39 @@ def test_gpu_section_skips_without_gpu(bench):
 
 
 def test_cpu_matvec_probe_variants_agree_and_report():
-  # The probe asserts that its split variants compute what the single product does before timing
-  # them; a split that drops or duplicates a slice fails here.
+  # The probe asserts that its split variants compute what the single product does, and that its
+  # int8 variants come within a few percent of it, before timing them; a split that drops or
+  # duplicates a slice, or an int8 product with a wrong scale, fails here.
   out = subprocess.run([sys.executable, str(ROOT / "scripts" / "cpu_matvec_probe.py"),
                         "--layers=2", "--repeats=1"], capture_output=True, text=True, timeout=300,
                        check=True).stdout
   rows = [line for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
   assert [r.split("|")[1].strip() for r in rows] == [
-      "one dot", "column halves", "row halves", "2 devices (TP)"]
+      "one dot", "column halves", "row halves", "2 devices (TP)", "int8 weights", "int8 x int8"]
+
+
+def test_cpu_profile_records_each_test_and_the_script_sums_them(tmp_path):
+  """`pytest --cpu-profile` (tests/conftest.py) in a child on one module, then
+  scripts/suite_profile.py on what it wrote."""
+  profile = tmp_path / "profile"
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist",
+                         "-p", "no:cacheprovider", f"--cpu-profile={profile}",
+                         str(ROOT / "tests" / "test_imports.py")],
+                        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  records = [json.loads(line) for path in profile.glob("*.jsonl")
+             for line in path.read_text().splitlines()]
+  assert len(records) == 4 and all(r["test"].startswith("tests/test_imports.py::") or
+                                   r["test"].startswith("test_imports.py::") for r in records)
+  assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 and r["children_cpu_s"] >= 0 for r in records)
+  out = subprocess.run([sys.executable, str(ROOT / "scripts" / "suite_profile.py"), str(profile)],
+                       capture_output=True, text=True, timeout=60, check=True).stdout
+  rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines()
+          if line.startswith("| ")}
+  assert set(rows) == {"module", next(k for k in rows if k.endswith("test_imports.py")), "all"}
+  assert rows["all"][2].strip() == "4"
+  assert float(rows["all"][3]) == pytest.approx(sum(r["cpu_s"] + r["children_cpu_s"]
+                                                    for r in records), rel=0.01)
+  empty = subprocess.run([sys.executable, str(ROOT / "scripts" / "suite_profile.py"),
+                          str(tmp_path)], capture_output=True, text=True, timeout=60, check=False)
+  assert empty.returncode == 2 and str(tmp_path) in empty.stderr
