@@ -132,24 +132,24 @@ def main() -> None:
   col, row = NamedSharding(mesh, P(None, "model")), NamedSharding(mesh, P("model", None))
   tp = [(jax.device_put(gu, col), jax.device_put(d, row)) for *_, (gu, d) in per_layer]
   layout = lambda k: jax.tree.map(jnp.asarray, [l[k] for l in per_layer])
-  variants = [("one dot", jax.jit(one_dot), (x, layout(0))),
-              ("column halves", jax.jit(column_halves), (x, layout(1))),
-              ("row halves", jax.jit(row_halves), (x, layout(2))),
-              ("2 devices (TP)", jax.jit(tensor_parallel(mesh, args.layers)),
-               (jax.device_put(x, NamedSharding(mesh, P())), tp))]
-
+  base = ("one dot", jax.jit(one_dot), (x, layout(0)))
+  splits = [("column halves", jax.jit(column_halves), (x, layout(1))),
+            ("row halves", jax.jit(row_halves), (x, layout(2))),
+            ("2 devices (TP)", jax.jit(tensor_parallel(mesh, args.layers)),
+             (jax.device_put(x, NamedSharding(mesh, P())), tp))]
   int8 = [tuple(qz.quantize_kernel(jnp.asarray(w), "int8") for w in l[0]) for l in per_layer]
-  variants += [("int8 weights", jax.jit(int8_weights), (x, int8)),
-               ("int8 x int8", jax.jit(int8_x_int8), (x, int8))]
+  int8_variants = [("int8 weights", jax.jit(int8_weights), (x, int8)),
+                   ("int8 x int8", jax.jit(int8_x_int8), (x, int8))]
+  variants = [base, *splits, *int8_variants]
 
-  reference = np.asarray(variants[0][1](*variants[0][2]))
-  for name, fn, a in variants[1:4]:
+  reference = np.asarray(base[1](*base[2]))
+  for name, fn, a in splits:
     # The variants compute the same function; a wrong split must not be timed as a speed-up.
     np.testing.assert_allclose(np.asarray(fn(*a)), reference, rtol=2e-4, atol=2e-4,
                                err_msg=name)
   # The int8 rows round the weights (and activations) to 8 bits: within a few percent of the
   # float32 result, where a wrong scale or layout is off by its whole size.
-  for name, fn, a in variants[4:]:
+  for name, fn, a in int8_variants:
     err = np.max(np.abs(np.asarray(fn(*a)) - reference)) / np.max(np.abs(reference))
     assert err < 0.05, f"{name}: relative error {err:.3g} against float32"
 
@@ -165,16 +165,17 @@ def main() -> None:
   print(f"{env['date_utc']} UTC, {env['cpu']}, threads {env['cpu_threads']}, "
         f"load average (1 min) {env['load_average_1m']:.1f}, jax {env['jax']}; "
         f"layers={args.layers} repeats={args.repeats}")
-  base = bu.median(times["one dot"])
+  base_s = bu.median(times["one dot"])
   rows = []
   for name, _, a in variants:
     weight_bytes = sum(w.nbytes for w in jax.tree.leaves(a[1]))
     t = bu.median(times[name])
     rows.append({"variant": name, "mb": weight_bytes / 1e6, "ms": 1e3 * t,
-                 "gbps": weight_bytes / t / 1e9, "ratio": base / t})
+                 "gbps": weight_bytes / t / 1e9, "ratio": base_s / t})
   print(bu.format_table(rows, [("variant", "variant"), ("mb", "weights MB"),
                                ("ms", "ms / step (median)"), ("gbps", "GB/s"),
                                ("ratio", "vs one dot")]))
+
 
 if __name__ == "__main__":
   main()

@@ -37,7 +37,8 @@ MESHES = ((1, 8), (2, 4), (4, 2), (8, 1))
 # every mode; on (1, 8) spec (a bidirectional draft block and a causal verify against the cache)
 # and quadratic (its own pattern) meet every attention pattern that AR and diffusion use, and each
 # mode compiled over 8 devices costs seconds of the suite.
-GENERATE = {(1, 8): ("spec", "quadratic"), (2, 4): ("ar", "diffusion", "spec", "quadratic")}
+MODES = ("ar", "diffusion", "spec", "quadratic")
+GENERATE = {(1, 8): ("spec", "quadratic"), (2, 4): MODES}
 MULTIHOST_MESH = (2, 4)
 # 8 query / 4 kv heads: kv heads are split on model axes 1, 2, 4 and replicated on 8.
 CFG = preset("tiny").replace(num_heads=8, num_kv_heads=4, head_dim=16)
@@ -115,7 +116,7 @@ def greedy_ar(model: NLDModel, tokens: np.ndarray, lengths: np.ndarray,
 
 
 def generate_all(model: NLDModel, mesh=None,
-                 modes: tuple[str, ...] = GENERATE[(2, 4)]) -> dict[str, np.ndarray]:
+                 modes: tuple[str, ...] = MODES) -> dict[str, np.ndarray]:
   """Greedy ids of each of `modes` for the mixed-length prompts, -1 past each row's end."""
   tokens, lengths = make_prompts()
   prompts = [row[:n].tolist() for row, n in zip(tokens, lengths)]

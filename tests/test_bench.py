@@ -218,14 +218,14 @@ def test_cpu_profile_records_each_test_and_the_script_sums_them(tmp_path):
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   records = [json.loads(line) for path in profile.glob("*.jsonl")
              for line in path.read_text().splitlines()]
-  assert len(records) == 4 and all(r["test"].startswith("tests/test_imports.py::") or
-                                   r["test"].startswith("test_imports.py::") for r in records)
+  assert len(records) == 4 and all(r["test"].startswith("tests/test_imports.py::")
+                                   for r in records)
   assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 and r["children_cpu_s"] >= 0 for r in records)
   out = subprocess.run([sys.executable, str(ROOT / "scripts" / "suite_profile.py"), str(profile)],
                        capture_output=True, text=True, timeout=60, check=True).stdout
   rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines()
           if line.startswith("| ")}
-  assert set(rows) == {"module", next(k for k in rows if k.endswith("test_imports.py")), "all"}
+  assert set(rows) == {"module", "tests/test_imports.py", "all"}
   assert rows["all"][2].strip() == "4"
   assert float(rows["all"][3]) == pytest.approx(sum(r["cpu_s"] + r["children_cpu_s"]
                                                     for r in records), rel=0.01)
