@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -49,7 +50,8 @@ def pytest_addoption(parser):
   parser.addoption(
       "--cpu-profile", metavar="DIR",
       help="append each test's CPU seconds (its process and the children it waited for) and the "
-           "seconds JAX spent tracing, lowering and compiling to DIR/<pid>.jsonl; "
+           "seconds JAX spent tracing, lowering and compiling and Python's GC spent collecting to "
+           "DIR/<pid>.jsonl; "
            "`python scripts/suite_profile.py DIR` sums them per module")
 
 
@@ -76,6 +78,32 @@ class _CompileSeconds:
 _compile_seconds = _CompileSeconds()
 
 
+class _GCSeconds:
+  """CPU seconds of this process (all its threads) while Python's cyclic garbage collector ran,
+  since `reset` (gc.callbacks)."""
+
+  def __init__(self):
+    self.seconds = 0.0
+    self._start = 0.0
+    self.listening = False
+
+  def __call__(self, phase: str, info: dict) -> None:
+    del info
+    if phase == "start":
+      self._start = time.process_time()
+    else:
+      self.seconds += time.process_time() - self._start
+
+  def reset(self) -> None:
+    if not self.listening:
+      gc.callbacks.append(self)
+      self.listening = True
+    self.seconds = 0.0
+
+
+_gc_seconds = _GCSeconds()
+
+
 def _cpu_seconds() -> tuple[float, float]:
   own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
                                                        resource.RUSAGE_CHILDREN))
@@ -92,11 +120,13 @@ def pytest_runtest_protocol(item, nextitem):
     yield
     return
   _compile_seconds.reset()
+  _gc_seconds.reset()
   before, start = _cpu_seconds(), time.perf_counter()
   yield
   after = _cpu_seconds()
   record = {"test": item.nodeid, "wall_s": time.perf_counter() - start,
             "cpu_s": after[0] - before[0], "children_cpu_s": after[1] - before[1],
+            "gc_s": _gc_seconds.seconds,
             **{f"{k}_s": v for k, v in _compile_seconds.seconds.items()}}
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, f"{os.getpid()}.jsonl"), "a", encoding="utf-8") as f:

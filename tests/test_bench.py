@@ -220,7 +220,8 @@ def test_cpu_profile_records_each_test_and_the_script_sums_them(tmp_path):
              for line in path.read_text().splitlines()]
   assert len(records) == 4 and all(r["test"].startswith("tests/test_imports.py::")
                                    for r in records)
-  assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 and r["children_cpu_s"] >= 0 for r in records)
+  assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 and r["children_cpu_s"] >= 0 and r["gc_s"] >= 0
+             for r in records)
   out = subprocess.run([sys.executable, str(ROOT / "scripts" / "suite_profile.py"), str(profile)],
                        capture_output=True, text=True, timeout=60, check=True).stdout
   rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines()
