@@ -233,3 +233,24 @@ def test_cpu_profile_records_each_test_and_the_script_sums_them(tmp_path):
   empty = subprocess.run([sys.executable, str(ROOT / "scripts" / "suite_profile.py"),
                           str(tmp_path)], capture_output=True, text=True, timeout=60, check=False)
   assert empty.returncode == 2 and str(tmp_path) in empty.stderr
+
+
+def test_xla_options_probe_compares_variants_and_refuses_bad_ones(tmp_path, capsys):
+  """scripts/cpu_xla_options_probe.py on a tiny checkpoint: a variant whose option leaves the
+  program as it is (XNNPACK is already on) must decode the same ids as "default" from its own
+  executables; an option XLA does not know, or a malformed variant, is exit 2 naming it."""
+  from tiny_nld import write_checkpoint  # pylint: disable=g-import-not-at-top
+  probe = _load_script("cpu_xla_options_probe")
+  ckpt = str(write_checkpoint(tmp_path / "tiny"))
+  args = [f"--checkpoint={ckpt}", "--new_tokens=4", "--repeats=1", "--prompt_length=5"]
+  assert probe.main([*args, "--variant=same:xla_cpu_use_xnnpack=true"]) == 0
+  rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+          for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+  assert set(rows) == {"variant", "default", "same"}
+  assert rows["same"][1] == "xla_cpu_use_xnnpack=True" and rows["same"][-1] == "yes"
+  assert float(rows["default"][3]) == 1.0
+  assert probe.main([*args, "--variant=bad:xla_cpu_no_such_option=1"]) == 2
+  assert "variant 'bad'" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    probe.main([*args, "--variant=no options"])
+  assert e.value.code == 2
