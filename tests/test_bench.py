@@ -235,17 +235,27 @@ def test_cpu_profile_records_each_test_and_the_script_sums_them(tmp_path):
   assert empty.returncode == 2 and str(tmp_path) in empty.stderr
 
 
-def test_xla_options_probe_compares_variants_and_refuses_bad_ones(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def probe_args(tmp_path_factory):
+  """A tiny NLD checkpoint and the smallest run of the decoding probes."""
+  from tiny_nld import write_checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt = write_checkpoint(tmp_path_factory.mktemp("tiny_nld"))
+  return [f"--checkpoint={ckpt}", "--new_tokens=4", "--repeats=1", "--prompt_length=5"]
+
+
+def _table(out: str) -> dict[str, list[str]]:
+  return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+          for line in out.splitlines() if line.startswith("| ")}
+
+
+def test_xla_options_probe_compares_variants_and_refuses_bad_ones(probe_args, capsys):
   """scripts/cpu_xla_options_probe.py on a tiny checkpoint: a variant whose option leaves the
   program as it is (XNNPACK is already on) must decode the same ids as "default" from its own
   executables; an option XLA does not know, or a malformed variant, is exit 2 naming it."""
-  from tiny_nld import write_checkpoint  # pylint: disable=g-import-not-at-top
   probe = _load_script("cpu_xla_options_probe")
-  ckpt = str(write_checkpoint(tmp_path / "tiny"))
-  args = [f"--checkpoint={ckpt}", "--new_tokens=4", "--repeats=1", "--prompt_length=5"]
+  args = probe_args
   assert probe.main([*args, "--variant=same:xla_cpu_use_xnnpack=true"]) == 0
-  rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
-          for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+  rows = _table(capsys.readouterr().out)
   assert set(rows) == {"variant", "default", "same"}
   assert rows["same"][1] == "xla_cpu_use_xnnpack=True" and rows["same"][-1] == "yes"
   assert float(rows["default"][3]) == 1.0
@@ -254,3 +264,15 @@ def test_xla_options_probe_compares_variants_and_refuses_bad_ones(tmp_path, caps
   with pytest.raises(SystemExit) as e:
     probe.main([*args, "--variant=no options"])
   assert e.value.code == 2
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion"])
+def test_stream_probe_runs_both_ways_with_the_same_ids(probe_args, capsys, mode):
+  """scripts/stream_probe.py: the streamed and the whole-loop call, alternating, give the same ids
+  (the script exits 1 otherwise)."""
+  probe = _load_script("stream_probe")
+  assert probe.main([*probe_args, f"--mode={mode}", "--block_length=4"]) == 0
+  rows = _table(capsys.readouterr().out)
+  assert set(rows) == {"variant", "not streamed", "streamed"}
+  assert rows["streamed"][-1] == rows["not streamed"][-1] == "yes"
+  assert rows["streamed"][3] in ("0/1", "1/1")

@@ -55,7 +55,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]],
   graphdef, params = nnx.split(model)
   cache_sharding, tokens, lengths, knobs = _place(cfg, mesh, tokens, lengths, knobs)
   cache_len = cache_length(bucket, static.max_new_tokens, static.block_length)
-  runner = _Runner(graphdef, static, cache_len, cache_sharding, mesh)
+  runner = _Runner(graphdef, static, cache_len, cache_sharding, mesh, jax.tree.structure(params))
 
   start = time.perf_counter()
   last_logits, cache = runner.call("prefill", params, tokens, lengths)
@@ -85,7 +85,7 @@ def lower_programs(model: nnx.Module, batch: int, prompt_length: int,
   bucket = bucket_length(prompt_length)
   graphdef, params = nnx.split(model)
   cache_len = cache_length(bucket, static.max_new_tokens, static.block_length)
-  statics = _Runner(graphdef, static, cache_len, None, None).statics
+  statics = _Runner(graphdef, static, cache_len, None, None, jax.tree.structure(params)).statics
   spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
   args = {"prefill": (params, jax.ShapeDtypeStruct((batch, bucket), jnp.int32),
                       jax.ShapeDtypeStruct((batch,), jnp.int32))}
@@ -93,7 +93,7 @@ def lower_programs(model: nnx.Module, batch: int, prompt_length: int,
                                       *args["prefill"])
   args["decode"] = args["init"] = (params, last_logits, cache, jax.tree.map(spec, knobs))
   carry, _, _ = jax.eval_shape(functools.partial(_init, *statics["init"]), *args["init"])
-  args["step"] = (params, carry, args["init"][3])
+  args["step"] = (jax.tree.leaves(params), carry, args["init"][3])
   return {name: _JITTED[name].lower(*statics[name], *a) for name, a in args.items()}
 
 
@@ -187,10 +187,15 @@ def _init(graphdef, settings, params, last_logits, cache, knobs):
   return carry, m.running(ctx, carry), _progress(carry)
 
 
-def _step(graphdef, settings, params, carry, knobs):
+def _step(graphdef, settings, params_def, param_leaves, carry, knobs):
   """One iteration of the decode loop, or none once it has stopped running: the streaming host
-  queues the next step before it has read whether this one was the last."""
-  ctx = _ctx(graphdef, settings, params, knobs)
+  queues the next step before it has read whether this one was the last.
+
+  The parameters come as the flat list of their arrays (`params_def` rebuilds the tree): the host
+  calls this once per step, and flattening an nnx State runs Python for every variable (~2 ms
+  per call for SmolLM2's 273), host time taken from the cores the step runs on.
+  """
+  ctx = _ctx(graphdef, settings, jax.tree.unflatten(params_def, param_leaves), knobs)
   m = MODES[settings.mode]
   # A while_loop of at most one trip (not lax.cond): the cache is updated in place, as in "decode".
   carry, _ = jax.lax.while_loop(lambda c: c[1] & m.running(ctx, c[0]),
@@ -203,7 +208,7 @@ _PROGRAMS = {  # name -> (function, static_argnums, donate_argnums); the cache i
     "prefill": (_prefill, (0, 1, 2, 3), ()),
     "decode": (_decode, (0, 1), (4,)),
     "init": (_init, (0, 1), (4,)),
-    "step": (_step, (0, 1), (3,)),
+    "step": (_step, (0, 1, 2), (4,)),
 }
 _JITTED = {name: jax.jit(fn, static_argnums=static, donate_argnums=donate)
            for name, (fn, static, donate) in _PROGRAMS.items()}
@@ -218,11 +223,12 @@ def _signature(tree) -> tuple:
 class _Runner:
   """Compiles each program once per (settings, shapes, shardings) and times the compilations."""
 
-  def __init__(self, graphdef, settings: Settings, cache_len: int, cache_sharding, mesh):
+  def __init__(self, graphdef, settings: Settings, cache_len: int, cache_sharding, mesh,
+               params_def):
     self.mesh, self.cache_sharding = mesh, cache_sharding
     self.statics = {"prefill": (graphdef, cache_len, cache_sharding, not settings.causal_context),
                     "decode": (graphdef, settings), "init": (graphdef, settings),
-                    "step": (graphdef, settings)}
+                    "step": (graphdef, settings, params_def)}
     self._pending = 0.0
     self.compile_seconds_total = 0.0
 
@@ -279,13 +285,15 @@ def _stream(runner, params, last_logits, cache, knobs, eos_ids, on_tokens):
 
   Step k + 1 is queued before the ids of step k are read, so the device never waits for the host
   (reading, the callback, dispatching); a step queued after the last one changes nothing. The
-  executable is looked up once: the lookup flattens the whole parameter tree.
+  executable is looked up once and the parameters are flattened once: both walk the whole
+  parameter tree.
   """
   carry, running, progress = runner.call("init", params, last_logits, cache, knobs)
-  step = runner.executable("step", params, carry, knobs)
+  leaves = jax.tree.leaves(params)
+  step = runner.executable("step", leaves, carry, knobs)
   sent = np.zeros(last_logits.shape[0], np.int64)
   while True:
-    carry, next_running, next_progress = step(params, carry, knobs)
+    carry, next_running, next_progress = step(leaves, carry, knobs)
     # A finished row's count stops moving, so nothing past its EOS is ever sent.
     out, count = (gather(x) for x in progress)
     for b in range(out.shape[0]):
