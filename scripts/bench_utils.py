@@ -61,6 +61,26 @@ def median(xs: Sequence[float]) -> float:
   return float(statistics.median(xs)) if xs else float("nan")
 
 
+def run_header(**settings: Any) -> str:
+  """The line a probe prints above its table: when, on what, how busy, and the run's settings."""
+  env = environment()
+  return (f"{env['date_utc']} UTC, {env['cpu']}, threads {env['cpu_threads']}, "
+          f"load average (1 min) {env['load_average_1m']:.1f}, jax {env['jax']}; "
+          + " ".join(f"{k}={v}" for k, v in settings.items()))
+
+
+def alternating_rows(rates: dict[str, list[float]], ids: dict[str, list[int]], base: str
+                     ) -> list[dict[str, Any]]:
+  """Rows of a comparison whose variants ran in turn, one call each per round: per variant its
+  median rate, the ratio to `base`'s, the rounds it was faster than `base` in ("-" for `base`)
+  and whether its ids equal `base`'s."""
+  rounds = len(rates[base])
+  return [{"variant": name, "tps": median(r), "ratio": median(r) / median(rates[base]),
+           "won": "-" if name == base else f"{sum(a > b for a, b in zip(r, rates[base]))}/{rounds}",
+           "same": "yes" if ids[name] == ids[base] else "no"}
+          for name, r in rates.items()]
+
+
 def peak_memory() -> tuple[float, str]:
   """(peak MiB, what it measures): device peak on accelerators, else the process's peak RSS."""
   device = jax.devices()[0]

@@ -161,10 +161,7 @@ def main() -> None:
       fn(*a).block_until_ready()
       times[name].append(time.perf_counter() - start)
 
-  env = bu.environment()
-  print(f"{env['date_utc']} UTC, {env['cpu']}, threads {env['cpu_threads']}, "
-        f"load average (1 min) {env['load_average_1m']:.1f}, jax {env['jax']}; "
-        f"layers={args.layers} repeats={args.repeats}")
+  print(bu.run_header(layers=args.layers, repeats=args.repeats))
   base_s = bu.median(times["one dot"])
   rows = []
   for name, _, a in variants:

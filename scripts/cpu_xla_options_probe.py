@@ -119,17 +119,11 @@ def main(argv: list[str] | None = None) -> int:
       out = generate(loaded.model, [prompt], settings)
       rates[name].append(len(out.tokens[0]) / out.decode_seconds)
 
-  env = bu.environment()
-  print(f"{env['date_utc']} UTC, {env['cpu']}, threads {env['cpu_threads']}, load average (1 min) "
-        f"{env['load_average_1m']:.1f}, jax {env['jax']}; checkpoint={args.checkpoint} "
-        f"prompt_length={args.prompt_length} new_tokens={args.new_tokens} repeats={args.repeats}")
-  base = bu.median(rates["default"])
-  rows = [{"variant": name, "options": ", ".join(f"{k}={v!r}" for k, v in options.items()) or "-",
-           "tps": bu.median(rates[name]), "ratio": bu.median(rates[name]) / base,
-           "won": ("-" if name == "default" else
-                   f"{sum(a > b for a, b in zip(rates[name], rates['default']))}/{args.repeats}"),
-           "same": "yes" if ids[name] == ids["default"] else "no"}
-          for name, options in variants]
+  print(bu.run_header(checkpoint=args.checkpoint, prompt_length=args.prompt_length,
+                      new_tokens=args.new_tokens, repeats=args.repeats))
+  rows = bu.alternating_rows(rates, ids, "default")
+  for row, (_, options) in zip(rows, variants):
+    row["options"] = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "-"
   print(bu.format_table(rows, [("variant", "variant"), ("options", "options"),
                                ("tps", "median decode tok/s"), ("ratio", "vs default"),
                                ("won", "rounds faster than default"),

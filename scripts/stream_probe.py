@@ -72,18 +72,10 @@ def main(argv: list[str] | None = None) -> int:
       out = run()
       rates[name].append(len(out.tokens[0]) / out.decode_seconds)
 
-  env = bu.environment()
-  print(f"{env['date_utc']} UTC, {env['cpu']}, threads {env['cpu_threads']}, load average (1 min) "
-        f"{env['load_average_1m']:.1f}, jax {env['jax']}; checkpoint={args.checkpoint} "
-        f"mode={args.mode} prompt_length={args.prompt_length} new_tokens={args.new_tokens} "
-        f"repeats={args.repeats}")
-  base = bu.median(rates["not streamed"])
-  rows = [{"variant": name, "tps": bu.median(rates[name]), "ratio": bu.median(rates[name]) / base,
-           "won": ("-" if name == "not streamed" else
-                   f"{sum(a > b for a, b in zip(rates[name], rates['not streamed']))}"
-                   f"/{args.repeats}"),
-           "same": "yes" if ids[name] == ids["not streamed"] else "no"}
-          for name in variants]
+  print(bu.run_header(checkpoint=args.checkpoint, mode=args.mode,
+                      prompt_length=args.prompt_length, new_tokens=args.new_tokens,
+                      repeats=args.repeats))
+  rows = bu.alternating_rows(rates, ids, "not streamed")
   print(bu.format_table(rows, [("variant", "variant"), ("tps", "median decode tok/s"),
                                ("ratio", "vs not streamed"), ("won", "rounds faster"),
                                ("same", "same ids")]))
