@@ -95,10 +95,12 @@ def test_no_recompilation_for_a_new_batch_in_the_same_bucket(model):
   assert second.compile_seconds == 0.0
 
 
-@pytest.mark.parametrize("mode,block_length,eos", [("diffusion", 4, EOS), ("spec", 8, ())])
+@pytest.mark.parametrize("mode,block_length,eos", [("ar", None, EOS), ("diffusion", 4, EOS),
+                                                    ("spec", 8, ())])
 def test_streaming_delivers_the_same_tokens(model, mode, block_length, eos):
   received = {}
-  settings = settings_for(mode, max_new_tokens=N, block_length=block_length, eos_token_ids=eos)
+  settings = settings_for(mode, skip_other_modes=True, max_new_tokens=N,
+                          block_length=block_length, eos_token_ids=eos)
   prompts = BATCH
   def on_tokens(row, ids):
     received.setdefault(row, []).append(ids)
@@ -108,8 +110,12 @@ def test_streaming_delivers_the_same_tokens(model, mode, block_length, eos):
   assert streamed.tokens == compiled.tokens and streamed.nfe == compiled.nfe
   for b, tokens in enumerate(compiled.tokens):
     assert sum(received[b], []) == tokens
-  # whole blocks / accepted runs arrive in one call
+  # whole blocks / accepted runs arrive in one call; AR ids a few at a time (docs/decoding.md)
   assert any(len(chunk) > 1 for chunks in received.values() for chunk in chunks)
+  if mode == "ar":
+    assert max(len(chunk) for chunks in received.values() for chunk in chunks) <= 4
+    assert all(len(chunks) >= N // 4 for b, chunks in received.items()
+               if len(compiled.tokens[b]) == N)
 
 
 def test_argument_errors(model):

@@ -187,9 +187,17 @@ def _init(graphdef, settings, params, last_logits, cache, knobs):
   return carry, m.running(ctx, carry), _progress(carry)
 
 
+# Iterations of the decode loop per streamed step: an AR iteration is one token, and dispatching a
+# step costs the host ~2 ms (~350 arrays) on the cores that run it, 7% of a SmolLM2 token on a
+# 2-core CPU (docs/benchmarks.md); 4 tokens per step make that ~2%, and the text still arrives
+# every few tens of milliseconds. A block of the other modes is already several forwards.
+_STREAM_AR_TOKENS = 4
+
+
 def _step(graphdef, settings, params_def, param_leaves, carry, knobs):
-  """One iteration of the decode loop, or none once it has stopped running: the streaming host
-  queues the next step before it has read whether this one was the last.
+  """Up to `_STREAM_AR_TOKENS` iterations of the AR loop, one of the other modes, or none once
+  the loop has stopped running: the streaming host queues the next step before it has read
+  whether this one was the last.
 
   The parameters come as the flat list of their arrays (`params_def` rebuilds the tree): the host
   calls this once per step, and flattening an nnx State runs Python for every variable (~2 ms
@@ -197,10 +205,11 @@ def _step(graphdef, settings, params_def, param_leaves, carry, knobs):
   """
   ctx = _ctx(graphdef, settings, jax.tree.unflatten(params_def, param_leaves), knobs)
   m = MODES[settings.mode]
-  # A while_loop of at most one trip (not lax.cond): the cache is updated in place, as in "decode".
-  carry, _ = jax.lax.while_loop(lambda c: c[1] & m.running(ctx, c[0]),
-                                lambda c: (m.step(ctx, c[0]), jnp.bool_(False)),
-                                (carry, jnp.bool_(True)))
+  trips = _STREAM_AR_TOKENS if settings.mode == "ar" else 1
+  # A while_loop (not lax.cond): the cache is updated in place, as in "decode".
+  carry, _ = jax.lax.while_loop(lambda c: (c[1] < trips) & m.running(ctx, c[0]),
+                                lambda c: (m.step(ctx, c[0]), c[1] + 1),
+                                (carry, jnp.int32(0)))
   return carry, m.running(ctx, carry), _progress(carry)
 
 
