@@ -195,7 +195,8 @@ class Request:
 def _flat_params(fn, params_def):
   """`fn` taking its parameters, its first argument, as the flat list of their arrays: the loop
   thread calls a program for every step of every slot, and flattening an nnx State runs Python for
-  each variable (~2 ms per call for SmolLM2's 273), on the cores the step runs on."""
+  each variable (0.7 ms per call for SmolLM2's 272 arrays on a quiet 2-core CPU,
+  docs/benchmarks.md), on the cores the step runs on."""
   def call(param_leaves, *args):
     return fn(jax.tree.unflatten(params_def, param_leaves), *args)
   return call
