@@ -190,7 +190,7 @@ def _init(graphdef, settings, params, last_logits, cache, knobs):
 # Iterations of the decode loop per streamed step: an AR iteration is one token, and dispatching a
 # step costs the host ~2 ms (~350 arrays) on the cores that run it, 7% of a SmolLM2 token on a
 # 2-core CPU (docs/benchmarks.md); 4 tokens per step make that ~2%, and the text still arrives
-# every few tens of milliseconds. A block of the other modes is already several forwards.
+# every ~130 ms at 30 tokens/s. A block of the other modes is already several forwards.
 _STREAM_AR_TOKENS = 4
 
 
@@ -200,8 +200,9 @@ def _step(graphdef, settings, params_def, param_leaves, carry, knobs):
   whether this one was the last.
 
   The parameters come as the flat list of their arrays (`params_def` rebuilds the tree): the host
-  calls this once per step, and flattening an nnx State runs Python for every variable (~2 ms
-  per call for SmolLM2's 273), host time taken from the cores the step runs on.
+  calls this once per step, and flattening an nnx State runs Python for every variable, host time
+  taken from the cores the step runs on (a call took 5.4 ms with SmolLM2's State and 2.3 ms with
+  the list on a 2-core CPU, docs/benchmarks.md).
   """
   ctx = _ctx(graphdef, settings, jax.tree.unflatten(params_def, param_leaves), knobs)
   m = MODES[settings.mode]
