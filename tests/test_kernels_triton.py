@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import jax
@@ -28,6 +27,9 @@ from attention_oracle import numpy_attention
 
 def _run_interpreted(q, k, v, *, mask, q_offset=None, kv_len=None, block_k=None, block_v=None,
                      block_sizes=dat.BlockSizes()):
+  # Imported here, not at the top: collecting this file for its GPU case (scripts/gpu_check.py's
+  # child pytest) would otherwise pay torch's ~2 s import for nothing.
+  torch = pytest.importorskip("torch")
   b, t, h, d = q.shape
   g = k.shape[2]
   scale = d ** -0.5
