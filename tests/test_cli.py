@@ -3,6 +3,7 @@ a batch run from a prompts file, --help, and each bad input (exit code 2, one li
 culprit, no output file left behind, no weights read)."""
 
 import importlib.util
+import io
 import json
 import os
 import pathlib
@@ -51,15 +52,17 @@ def parse_stats(stderr: str) -> dict:
                                   "--config.attention_impl=xla")),
     ("nld.py", "spec", ("--config.enable_thinking=True", "--config.max_thinking_tokens=4")),
 ])
-def test_each_mode_end_to_end(ckpt, tmp_path, config, mode, extra):
+def test_each_mode_end_to_end(cli_module, ckpt, tmp_path, capsys, config, mode, extra):
+  # In this process, as `python scripts/generate.py` runs main() (the child-process path, exit
+  # codes included, is test_default_runs_offline_and_prints_text's and the batch run's).
   out = tmp_path / "out.json"
   new, block = 16, 8
-  proc = run_cli(f"--config=configs/{config}", f"--config.checkpoint={ckpt}",
-                 f"--config.mode={mode}", f"--config.max_new_tokens={new}",
-                 f"--config.block_length={block}", f"--config.prompt={PROMPT}",
-                 f"--config.output_json={out}", *extra)
-  assert proc.returncode == 0, proc.stderr
-  s = parse_stats(proc.stderr)
+  assert cli_module.main([
+      "generate.py", f"--config=configs/{config}", f"--config.checkpoint={ckpt}",
+      f"--config.mode={mode}", f"--config.max_new_tokens={new}", f"--config.block_length={block}",
+      f"--config.prompt={PROMPT}", f"--config.output_json={out}",
+      "--config.compilation_cache_dir=none", *extra]) == 0
+  s = parse_stats(capsys.readouterr().err)
   gen, nfe = int(s["gen"]), int(s["nfe"])
   assert s["mode"] == mode
   # spec may overshoot by up to block - 1 tokens (docs/model.md §5.3); the others stop at
@@ -86,16 +89,13 @@ def test_each_mode_end_to_end(ckpt, tmp_path, config, mode, extra):
     assert record["prompt_ids"][-2:] == [12, 13]  # empty think pair
 
 
-def test_interactive_keeps_the_history(ckpt):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run(
-      [sys.executable, str(SCRIPT), "--config=configs/nld.py", f"--config.checkpoint={ckpt}",
-       "--config.mode=ar", "--config.max_new_tokens=4", "--config.interactive=True",
-       "--config.compilation_cache_dir=none"],
-      input="hello world\nwhy the sky\n/reset\nhello world\n", capture_output=True, text=True,
-      env=env, cwd=ROOT, timeout=300)
-  assert proc.returncode == 0, proc.stderr
-  prompts = [int(STATS.fullmatch(l)["prompt"]) for l in proc.stderr.splitlines()
+def test_interactive_keeps_the_history(cli_module, ckpt, capsys, monkeypatch):
+  monkeypatch.setattr(sys, "stdin", io.StringIO("hello world\nwhy the sky\n/reset\nhello world\n"))
+  assert cli_module.main([
+      "generate.py", "--config=configs/nld.py", f"--config.checkpoint={ckpt}", "--config.mode=ar",
+      "--config.max_new_tokens=4", "--config.interactive=True",
+      "--config.compilation_cache_dir=none"]) == 0
+  prompts = [int(STATS.fullmatch(l)["prompt"]) for l in capsys.readouterr().err.splitlines()
              if l.startswith("[stats]")]
   assert len(prompts) == 3
   assert prompts[1] > prompts[0] + 4  # the first exchange is part of the second prompt
@@ -209,21 +209,20 @@ def test_usage_error_exit_code_and_no_partial_output(ckpt, tmp_path):
   assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_block_length_defaults_to_the_checkpoints_block_size(tmp_path):
+def test_block_length_defaults_to_the_checkpoints_block_size(cli_module, tmp_path, capsys):
   """A checkpoint trained with 8-token blocks decodes 8-token blocks unless told otherwise."""
   from dllm_jax.config import preset
   ckpt8 = write_checkpoint(tmp_path / "b8", preset("tiny").replace(block_size=8))
-  proc = run_cli(f"--config.checkpoint={ckpt8}", "--config.mode=diffusion",
-                 "--config.max_new_tokens=8", "--config.diffusion_threshold=0",
-                 f"--config.prompt={PROMPT}")
-  assert proc.returncode == 0, proc.stderr
+  args = ["generate.py", f"--config.checkpoint={ckpt8}", "--config.mode=diffusion",
+          f"--config.prompt={PROMPT}", "--config.compilation_cache_dir=none"]
+  assert cli_module.main([*args, "--config.max_new_tokens=8",
+                          "--config.diffusion_threshold=0"]) == 0
   # Threshold 0 fills a block in one step; with its commit that is 2 forwards per block of 8 (a
   # 32-token block would have refused max_new_tokens=8).
-  assert int(parse_stats(proc.stderr)["nfe"]) == 2
-  proc = run_cli(f"--config.checkpoint={ckpt8}", "--config.mode=diffusion",
-                 "--config.max_new_tokens=12", f"--config.prompt={PROMPT}")
-  assert proc.returncode == 2
-  assert "max_new_tokens=12 is not a multiple of block_length=8" in proc.stderr
+  assert int(parse_stats(capsys.readouterr().err)["nfe"]) == 2
+  with pytest.raises(cli_module.UsageError,
+                     match="max_new_tokens=12 is not a multiple of block_length=8"):
+    cli_module.main([*args, "--config.max_new_tokens=12"])
 
 
 # --- batch runs -----------------------------------------------------------------------------------
