@@ -36,7 +36,8 @@ def main(argv=None) -> int:
   p.add_argument("--max_new_tokens", type=int, default=64)
   p.add_argument("--block_length", type=int, default=0,
                  help="diffusion block / draft length; 0: the checkpoint's block_size")
-  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--batch_size", type=int, default=8,
+                 help="prompts per generate call; a short last batch is padded to this size")
   p.add_argument("--limit", type=int, default=0, help="use the first N prompts (0: all)")
   p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                  help="auto: float32 on CPU, bfloat16 on GPU")
@@ -126,12 +127,16 @@ def main(argv=None) -> int:
   def run(name: str, settings):
     start_time = time.perf_counter()
     out = {"tokens": [], "nfe": [], "decode_nfe": [], "accepted": [], "seconds": 0.0}
-    for start in range(0, len(ids), args.batch_size):
-      r = generate(pre.model, ids[start:start + args.batch_size], settings)
-      out["tokens"] += r.tokens
-      out["nfe"] += r.nfe
-      out["decode_nfe"] += r.decode_nfe
-      out["accepted"] += [a for row in (r.accepted_lengths or []) for a in row]
+    width = min(args.batch_size, len(ids))
+    for start in range(0, len(ids), width):
+      batch = ids[start:start + width]
+      # A short last batch is filled up with copies of its last prompt, whose rows are dropped
+      # (rows decode independently): every call then has one shape and compiles nothing new.
+      r = generate(pre.model, batch + [batch[-1]] * (width - len(batch)), settings)
+      out["tokens"] += r.tokens[:len(batch)]
+      out["nfe"] += r.nfe[:len(batch)]
+      out["decode_nfe"] += r.decode_nfe[:len(batch)]
+      out["accepted"] += [a for row in (r.accepted_lengths or [])[:len(batch)] for a in row]
     out["seconds"] = time.perf_counter() - start_time
     print(f"{name}: {len(ids)} prompts in {out['seconds']:.0f}s", file=sys.stderr)
     return out
