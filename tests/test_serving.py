@@ -200,7 +200,8 @@ def test_batched_steps_keep_slots_apart(model, expected):
 def test_bad_requests_are_refused_with_the_field_named(engine):
   with pytest.raises(PromptTooLong, match="33 tokens"):
     engine.submit(list(range(1, 34)), AR(max_new_tokens=4))
-  with pytest.raises(ValueError, match=f"max_new_tokens={2 * N}: this server generates at most {N}"):
+  with pytest.raises(ValueError,
+                     match=f"max_new_tokens={2 * N}: this server generates at most {N}"):
     engine.submit([1, 2], AR(max_new_tokens=2 * N))
   with pytest.raises(ValueError, match="block_length=8 is not served"):
     engine.submit([1, 2], Spec(max_new_tokens=8, block_length=8))
