@@ -37,7 +37,8 @@ def main(argv=None) -> int:
   p.add_argument("--block_length", type=int, default=0,
                  help="diffusion block / draft length; 0: the checkpoint's block_size")
   p.add_argument("--batch_size", type=int, default=8,
-                 help="prompts per generate call; a short last batch is padded to this size")
+                 help="prompts per generate call; a short last batch is padded to the size of "
+                      "the others")
   p.add_argument("--limit", type=int, default=0, help="use the first N prompts (0: all)")
   p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                  help="auto: float32 on CPU, bfloat16 on GPU")
@@ -131,7 +132,8 @@ def main(argv=None) -> int:
     for start in range(0, len(ids), width):
       batch = ids[start:start + width]
       # A short last batch is filled up with copies of its last prompt, whose rows are dropped
-      # (rows decode independently): every call then has one shape and compiles nothing new.
+      # (rows decode independently): every call has the same batch size, so the last one
+      # compiles nothing new unless its prompts fall in another length bucket.
       r = generate(pre.model, batch + [batch[-1]] * (width - len(batch)), settings)
       out["tokens"] += r.tokens[:len(batch)]
       out["nfe"] += r.nfe[:len(batch)]
